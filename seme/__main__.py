@@ -1,0 +1,5 @@
+import sys
+
+from seme.cli import main
+
+sys.exit(main())

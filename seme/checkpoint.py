@@ -1,0 +1,358 @@
+"""Checkpoint I/O: a lazy, memory-mapped reader and a streaming sharded writer.
+
+The reader opens every safetensors file once (memory-mapped) and hands out one tensor at a time.
+The writer knows every output tensor's shape and dtype up front (the merge plan), so it can write
+each shard's header first and then stream tensor bytes into place as they are computed: peak memory
+stays at one tensor, not one shard, and the files are written sequentially.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from seme.architectures import Architecture, resolve
+from seme.errors import CheckpointError
+from seme.fsutil import sha256_file
+
+SAFE_INDEX = "model.safetensors.index.json"
+PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+_ST_DTYPE = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_ST_TO_TORCH = {v: k for k, v in _ST_DTYPE.items()}
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    """``"bfloat16"`` -> ``torch.bfloat16``; None stays None."""
+    if name is None:
+        return None
+    try:
+        return DTYPES[str(name).replace("torch.", "")]
+    except KeyError:
+        raise CheckpointError(f"unknown dtype {name!r}; valid: {', '.join(DTYPES)}") from None
+
+
+class Checkpoint:
+    """A Hugging Face checkpoint directory, read lazily tensor by tensor.
+
+    ``get(name)`` memory-maps the tensor's file and copies out just that tensor. Pickle checkpoints
+    (``pytorch_model.bin``) are refused unless ``allow_pickle``; when allowed they are loaded with
+    ``torch.load(weights_only=True, mmap=True)``.
+    """
+
+    def __init__(self, path: str | os.PathLike, allow_pickle: bool = False) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise CheckpointError(f"{self.path}: no such checkpoint directory")
+        if not self.path.is_dir():
+            raise CheckpointError(f"{self.path}: not a directory (expected a Hugging Face checkpoint)")
+        cfg_path = self.path / "config.json"
+        if not cfg_path.is_file():
+            raise CheckpointError(f"{cfg_path}: missing config.json")
+        try:
+            self.config: dict[str, Any] = json.loads(cfg_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from None
+        self._where: dict[str, Path] = {}
+        self._meta: dict[str, tuple[str, tuple[int, ...]]] = {}
+        self._handles: dict[Path, Any] = {}
+        self._pickle: dict[str, torch.Tensor] | None = None
+        self.files: list[Path] = self._discover(allow_pickle)
+        self.names: list[str] = list(self._where)
+        self._arch: Architecture | None = None
+
+    # -- discovery -------------------------------------------------------------------------------
+    def _discover(self, allow_pickle: bool) -> list[Path]:
+        index = self.path / SAFE_INDEX
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"{index}: invalid index file ({e})") from None
+            files = sorted({self.path / f for f in weight_map.values()})
+            for f in files:
+                if not f.is_file():
+                    raise CheckpointError(f"{f}: shard listed in {SAFE_INDEX} is missing")
+            for f in files:
+                self._scan(f)
+            missing = [n for n in weight_map if n not in self._where]
+            if missing:
+                raise CheckpointError(f"{index}: tensor {missing[0]} listed but not found in its shard")
+            return files
+        single = self.path / "model.safetensors"
+        if single.is_file():
+            self._scan(single)
+            return [single]
+        shards = sorted(self.path.glob("*.safetensors"))
+        if shards:
+            for f in shards:
+                self._scan(f)
+            return shards
+        pickles = [self.path / n for n in PICKLE_NAMES if (self.path / n).is_file()]
+        pickles += sorted(self.path.glob("pytorch_model-*.bin"))
+        if pickles:
+            if not allow_pickle:
+                raise CheckpointError(
+                    f"{pickles[0]}: pickle checkpoint refused (pickle can run code); "
+                    "convert it to safetensors or pass --allow-pickle if you trust it"
+                )
+            return self._load_pickles([p for p in pickles if p.suffix == ".bin"])
+        raise CheckpointError(f"{self.path}: no model.safetensors, index or *.safetensors shards found")
+
+    def _scan(self, f: Path) -> None:
+        try:
+            h = safe_open(str(f), framework="pt")
+            for name in h.keys():
+                sl = h.get_slice(name)
+                self._meta[name] = (sl.get_dtype(), tuple(sl.get_shape()))
+                self._where[name] = f
+        except Exception as e:  # safetensors raises SafetensorError / OSError with terse text
+            raise CheckpointError(f"{f}: corrupt or truncated safetensors file ({e})") from None
+        self._handles[f] = h
+
+    def _load_pickles(self, files: list[Path]) -> list[Path]:
+        self._pickle = {}
+        for f in files:
+            try:
+                sd = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:
+                raise CheckpointError(f"{f}: cannot load pickle checkpoint ({e})") from None
+            for name, t in sd.items():
+                self._pickle[name] = t
+                self._where[name] = f
+                self._meta[name] = (_ST_DTYPE.get(t.dtype, str(t.dtype)), tuple(t.shape))
+        return files
+
+    # -- access ----------------------------------------------------------------------------------
+    @property
+    def architecture(self) -> Architecture:
+        if self._arch is None:
+            self._arch = resolve(self.config, str(self.path / "config.json"))
+        return self._arch
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._meta[self._check(name)][1]
+
+    def dtype(self, name: str) -> torch.dtype:
+        code = self._meta[self._check(name)][0]
+        return _ST_TO_TORCH.get(code, torch.float32)
+
+    def nbytes(self, name: str) -> int:
+        n = 1
+        for s in self.shape(name):
+            n *= s
+        return n * self.dtype(name).itemsize
+
+    def _check(self, name: str) -> str:
+        if name not in self._where:
+            raise CheckpointError(f"{self.path}: tensor {name} not found")
+        return name
+
+    def file_of(self, name: str) -> Path:
+        return self._where[self._check(name)]
+
+    def get(self, name: str) -> torch.Tensor:
+        """Load one tensor (copied out of the memory map)."""
+        self._check(name)
+        if self._pickle is not None:
+            return self._pickle[name]
+        f = self._where[name]
+        try:
+            return self._handles[f].get_tensor(name)
+        except Exception as e:
+            raise CheckpointError(f"{f}: cannot read tensor {name} ({e})") from None
+
+    def close(self) -> None:
+        self._handles.clear()
+        self._pickle = None
+
+
+def open_checkpoint(path_or_uri: str | os.PathLike, allow_pickle: bool = False) -> Checkpoint:
+    """Open a local directory or an ``s3://`` URI (fetched, verified and cached first)."""
+    s = str(path_or_uri)
+    if s.startswith("s3://"):
+        from seme.storage import fetch  # heavy (boto3): only when needed
+
+        return Checkpoint(fetch(s), allow_pickle=allow_pickle)
+    return Checkpoint(Path(s).expanduser(), allow_pickle=allow_pickle)
+
+
+def check_finite(name: str, t: torch.Tensor, where: str) -> None:
+    """Raise if ``t`` holds NaN or Inf, naming the tensor and file."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+        raise CheckpointError(f"{where}: tensor {name} contains {bad} values")
+
+
+# ------------------------------------------------------------------------------------------------
+# Writer
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Slot:
+    shard: int
+    begin: int
+    end: int
+
+
+class CheckpointWriter:
+    """Stream tensors into safetensors shards whose layout is planned up front.
+
+    ``plan`` is an ordered list of ``(name, shape, dtype)``. Tensors are assigned to shards of at
+    most ``max_shard_bytes`` (a tensor larger than that gets its own shard). Each shard file is
+    created with its header and the full size; ``write(name, tensor)`` puts the bytes at their
+    offset. One shard gives ``model.safetensors``; several give ``model-0000i-of-0000N.safetensors``
+    and the index file.
+    """
+
+    def __init__(
+        self,
+        out_dir: Path,
+        plan: Iterable[tuple[str, tuple[int, ...], torch.dtype]],
+        max_shard_bytes: int = 2 * 1024**3,
+    ) -> None:
+        self.out_dir = Path(out_dir)
+        self.plan = list(plan)
+        groups: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
+        size = 0
+        for item in self.plan:
+            nb = _numel(item[1]) * item[2].itemsize
+            if groups[-1] and size + nb > max_shard_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append(item)
+            size += nb
+        n = len(groups)
+        self.filenames = (
+            ["model.safetensors"]
+            if n == 1
+            else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        )
+        self.slots: dict[str, _Slot] = {}
+        self._files = []
+        self._expected: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        for i, group in enumerate(groups):
+            header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+            off = 0
+            for name, shape, dtype in group:
+                nb = _numel(shape) * dtype.itemsize
+                header[name] = {"dtype": _ST_DTYPE[dtype], "shape": list(shape), "data_offsets": [off, off + nb]}
+                self._expected[name] = (tuple(shape), dtype)
+                self.slots[name] = _Slot(i, off, off + nb)
+                off += nb
+            raw = json.dumps(header, separators=(",", ":")).encode()
+            raw += b" " * (-len(raw) % 8)
+            path = self.out_dir / self.filenames[i]
+            fh = open(path, "wb")
+            fh.write(struct.pack("<Q", len(raw)))
+            fh.write(raw)
+            base = fh.tell()
+            fh.truncate(base + off)
+            self._files.append((fh, base))
+        self._written: set[str] = set()
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        shape, dtype = self._expected[name]
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise CheckpointError(
+                f"internal: tensor {name} is {tuple(tensor.shape)} {tensor.dtype}, planned {shape} {dtype}"
+            )
+        slot = self.slots[name]
+        fh, base = self._files[slot.shard]
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        fh.seek(base + slot.begin)
+        fh.write(memoryview(data))
+        self._written.add(name)
+
+    def close(self) -> list[str]:
+        """Close the files; write the index for sharded output. Returns the file names."""
+        for fh, _ in self._files:
+            fh.close()
+        missing = [n for n, _, _ in self.plan if n not in self._written]
+        if missing:
+            raise CheckpointError(f"internal: tensor {missing[0]} was planned but never written")
+        if len(self.filenames) > 1:
+            total = sum(_numel(s) * d.itemsize for _, s, d in self.plan)
+            index = {
+                "metadata": {"total_size": total},
+                "weight_map": {n: self.filenames[self.slots[n].shard] for n, _, _ in self.plan},
+            }
+            (self.out_dir / SAFE_INDEX).write_text(json.dumps(index, indent=2))
+            return [*self.filenames, SAFE_INDEX]
+        return list(self.filenames)
+
+    def abort(self) -> None:
+        for fh, _ in self._files:
+            fh.close()
+
+
+def _numel(shape: Iterable[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def copy_side_files(src: Path, dst: Path, config: dict[str, Any] | None = None) -> list[str]:
+    """Copy config.json (or write ``config``), tokenizer files and generation_config.json."""
+    copied = []
+    if config is not None:
+        (dst / "config.json").write_text(json.dumps(config, indent=2))
+        copied.append("config.json")
+    elif (src / "config.json").is_file():
+        shutil.copyfile(src / "config.json", dst / "config.json")
+        copied.append("config.json")
+    for name in (*TOKENIZER_FILES, "generation_config.json"):
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+def file_records(root: Path, names: Iterable[str]) -> list[dict[str, Any]]:
+    """``[{"path", "sha256", "bytes"}]`` for files under ``root`` (the manifest's file list)."""
+    out = []
+    for n in sorted(names):
+        p = root / n
+        out.append({"path": n, "sha256": sha256_file(p), "bytes": p.stat().st_size})
+    return out

@@ -1,0 +1,83 @@
+"""The ``seme`` command line: one entry point, subcommands in ``seme.commands.*``.
+
+Each command module's ``register`` imports only the standard library, so ``seme --help`` is fast;
+heavy imports happen inside each command's ``run``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from seme import __version__
+
+COMMAND_MODULES = (
+    "merge",
+    "inspect",
+    "align",
+    "eval",
+    "zoo",
+    "bench",
+    "storage",
+    "gate",
+    "registry",
+    "pipeline",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="seme",
+        description="Merge language models without training or data (SeMe and classic methods).",
+    )
+    parser.add_argument("--version", action="version", version=f"seme {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        modname = f"seme.commands.{name}"
+        try:
+            mod = importlib.import_module(modname)
+        except ModuleNotFoundError as e:
+            if e.name == modname:
+                continue
+            raise
+        mod.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    from seme.errors import SemeError
+
+    try:
+        return int(args.func(args) or 0)
+    except SemeError as e:
+        if args.debug:
+            raise
+        msg = " ".join(str(e).split("\n"))
+        print(f"seme: error: {msg}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("seme: error: interrupted", file=sys.stderr)
+        return 130
+    except OSError as e:
+        if args.debug:
+            raise
+        where = f" {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"seme: error:{where} {e.strerror or e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""CLI subcommands. Each module: ``register(sub)`` (stdlib only) and ``run(args) -> int``."""

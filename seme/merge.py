@@ -1,0 +1,322 @@
+"""The merge executor: streams tensors from the inputs, through a method, into the output.
+
+It does all the I/O and knows nothing of methods: for each output tensor it loads that tensor from
+every input (prefetching the next one on a thread while the current one is computed), calls the
+method's pure function, casts to the output dtype and writes the bytes into the pre-planned shard.
+Peak memory stays near (K + 1) tensors plus the prefetch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import resource
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from seme import __version__, methods
+from seme.checkpoint import (
+    Checkpoint,
+    CheckpointWriter,
+    check_finite,
+    copy_side_files,
+    file_records,
+    open_checkpoint,
+    parse_dtype,
+)
+from seme.config import MergeConfig, ParamResolver
+from seme.errors import CheckpointError, ConfigError
+from seme.fsutil import atomic_dir, sha256_file
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MergeResult:
+    out_dir: Path
+    manifest: dict[str, Any]
+    seconds: float
+    peak_rss_bytes: int
+    tensors: int
+    bytes_written: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """Per-tensor RNG seed from (seed, tensor name): independent of order and threads."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda requested but no CUDA device is available")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise ConfigError(f"unknown device {device!r}; use cpu, cuda or auto")
+    return torch.device(device)
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _same_path(a: str, b: str) -> bool:
+    return os.path.abspath(os.path.expanduser(a)) == os.path.abspath(os.path.expanduser(b))
+
+
+def open_inputs(cfg: MergeConfig, allow_pickle: bool = False) -> tuple[list[Checkpoint], Checkpoint | None]:
+    """Open every source (and the base) and check that they are one architecture."""
+    cache: dict[str, Checkpoint] = {}
+
+    def get(p: str) -> Checkpoint:
+        for k, v in cache.items():
+            if _same_path(k, p):
+                return v
+        cache[p] = open_checkpoint(p, allow_pickle=allow_pickle)
+        return cache[p]
+
+    base = get(cfg.base_model) if cfg.base_model else None
+    sources = [get(m.model) for m in cfg.models]
+    check_compatible(([base] if base else []) + sources)
+    return sources, base
+
+
+def check_compatible(cks: list[Checkpoint]) -> None:
+    """Same model type, same hidden size, same tensor names and shapes, else a clear error."""
+    ref = cks[0]
+    ref_type = ref.config.get("model_type")
+    ref_arch = ref.architecture
+    for ck in cks[1:]:
+        if ck.config.get("model_type") != ref_type:
+            raise CheckpointError(
+                f"{ck.path}: architecture {ck.config.get('model_type')!r} differs from "
+                f"{ref.path} ({ref_type!r}); all inputs must be one architecture"
+            )
+        if ck.architecture.hidden_size != ref_arch.hidden_size:
+            raise CheckpointError(
+                f"{ck.path}: hidden size {ck.architecture.hidden_size} differs from {ref.path} "
+                f"({ref_arch.hidden_size})"
+            )
+        names = set(ck.names)
+        for n in ref.names:
+            if n not in names:
+                raise CheckpointError(f"{ck.path}: tensor {n} is missing (present in {ref.path})")
+            if ck.shape(n) != ref.shape(n):
+                raise CheckpointError(
+                    f"tensor {n}: shape {list(ck.shape(n))} in {ck.path} does not match "
+                    f"{list(ref.shape(n))} in {ref.path}"
+                )
+        extra = names.difference(ref.names)
+        if extra:
+            raise CheckpointError(f"{ck.path}: tensor {sorted(extra)[0]} is not present in {ref.path}")
+
+
+class _InputHasher:
+    """Hashes input files on a background thread (hashlib releases the GIL) during the merge."""
+
+    def __init__(self, cks: list[tuple[str, Checkpoint]]):
+        self.cks = cks
+        self.result: list[dict[str, Any]] = []
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        seen = set()
+        for uri, ck in self.cks:
+            if str(ck.path) in seen:
+                continue
+            seen.add(str(ck.path))
+            files = [{"path": f.name, "sha256": sha256_file(f), "bytes": f.stat().st_size} for f in ck.files]
+            self.result.append({"uri": uri, "local_path": str(ck.path), "files": files})
+
+    def join(self) -> list[dict[str, Any]]:
+        self._t.join()
+        return self.result
+
+
+def run_merge(
+    cfg: MergeConfig,
+    out_dir: str | os.PathLike,
+    *,
+    alignment: str | os.PathLike | None = None,
+    device: str = "cpu",
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    progress: bool = True,
+    config_path: str | None = None,
+) -> MergeResult:
+    """Merge per ``cfg`` into the Hugging Face checkpoint directory ``out_dir``."""
+    t0 = time.perf_counter()
+    spec = methods.get(cfg.merge_method)
+    dev = resolve_device(device)
+    compute_dtype = parse_dtype(cfg.dtype)
+    sources, base = open_inputs(cfg, allow_pickle=allow_pickle)
+    if spec.name == "slerp" and len(sources) != 2:
+        raise ConfigError(f"slerp merges exactly 2 models, got {len(sources)}")
+    anchor = base or sources[0]
+    arch = anchor.architecture
+    out_dtype = parse_dtype(cfg.out_dtype)
+    uris = ([(cfg.base_model, base)] if base else []) + [(m.model, s) for m, s in zip(cfg.models, sources)]
+    hasher = _InputHasher(uris)
+
+    seme_merger = None
+    if spec.name == "seme":
+        from seme.seme_merge import SemeMerger  # heavy: only for SeMe
+
+        seme_merger = SemeMerger.prepare(
+            cfg, sources, base, Path(alignment) if alignment else None, str(dev)
+        )
+    elif alignment is not None:
+        raise ConfigError("--alignment is only used with merge_method: seme")
+
+    plan = []
+    for n in anchor.names:
+        src_dtype = anchor.dtype(n)
+        od = (out_dtype or src_dtype) if src_dtype.is_floating_point else src_dtype
+        plan.append((n, anchor.shape(n), od))
+    resolver = ParamResolver(cfg, spec.global_params, spec.model_params)
+
+    def load(name: str) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        def one(ck: Checkpoint) -> torch.Tensor:
+            t = ck.get(name)
+            check_finite(name, t, str(ck.file_of(name)))
+            if t.is_floating_point():
+                t = t.to(device=dev, dtype=compute_dtype)
+            return t
+
+        b = one(base) if base is not None else None
+        return b, [b if (base is not None and s is base) else one(s) for s in sources]
+
+    written = 0
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        writer = CheckpointWriter(tmp, plan, cfg.shard_bytes())
+        try:
+            bar = _progress(len(plan), progress)
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="seme-prefetch") as pool:
+                nxt: Future | None = None if seme_merger else pool.submit(load, plan[0][0])
+                for i, (name, _shape, od) in enumerate(plan):
+                    if seme_merger is not None:
+                        merged = seme_merger.merge_tensor(name)
+                    else:
+                        b, ts = nxt.result()
+                        nxt = pool.submit(load, plan[i + 1][0]) if i + 1 < len(plan) else None
+                        if not ts[0].is_floating_point():  # integer buffers: keep the anchor's
+                            merged = (b if b is not None else ts[0])
+                        else:
+                            t = arch.t_of(name)
+                            gp = resolver.global_params(name, t)
+                            mp = [resolver.model_params(k, name, t) for k in range(len(sources))]
+                            rng = torch.Generator(device=dev).manual_seed(tensor_seed(cfg.seed, name))
+                            merged = spec.fn(b, ts, mp, gp, rng)
+                    merged = merged.to(dtype=od)
+                    check_finite(name, merged, "merge result")
+                    writer.write(name, merged)
+                    written += merged.numel() * merged.element_size()
+                    bar.update(1)
+            bar.close()
+            files = writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        tok_src = _tokenizer_source(cfg, sources, base)
+        out_config = dict(anchor.config)
+        if out_dtype is not None:
+            out_config["torch_dtype"] = cfg.out_dtype
+            out_config.pop("dtype", None)
+        side = copy_side_files(tok_src.path, tmp, config=out_config)
+        extra = seme_merger.manifest_extra() if seme_merger else {}
+        if seme_merger is not None:
+            seme_merger.write_artifacts(tmp)
+        seconds = time.perf_counter() - t0
+        manifest = {
+            "seme_version": __version__,
+            "method": spec.name,
+            "parameters": _describe_params(cfg, spec),
+            "config": cfg.model_dump(mode="json"),
+            "config_path": config_path,
+            "config_sha256": cfg.sha256(),
+            "inputs": hasher.join(),
+            "seed": cfg.seed,
+            "dtype": cfg.dtype,
+            "out_dtype": cfg.out_dtype or "as input",
+            "architecture": arch.family,
+            "device": str(dev),
+            "host": platform.node(),
+            "torch_version": torch.__version__,
+            "wall_seconds": round(seconds, 3),
+            "peak_rss_bytes": peak_rss_bytes(),
+            "tensors": len(plan),
+            "bytes_written": written,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **({"seme": extra} if extra else {}),
+        }
+        (tmp / "README.md").write_text(model_card(manifest))
+        manifest["files"] = file_records(tmp, [*files, *side, "README.md"])
+        (tmp / "seme_manifest.json").write_text(json.dumps(manifest, indent=2))
+    for ck in {id(c): c for c in ([base] if base else []) + sources}.values():
+        ck.close()
+    return MergeResult(Path(out_dir), manifest, seconds, manifest["peak_rss_bytes"], len(plan), written, extra)
+
+
+def _tokenizer_source(cfg: MergeConfig, sources: list[Checkpoint], base: Checkpoint | None) -> Checkpoint:
+    ts = cfg.tokenizer_source
+    if ts in (None, "base"):
+        return base or sources[0]
+    for m, ck in zip(cfg.models, sources):
+        if _same_path(m.model, ts) or m.model == ts:
+            return ck
+    if cfg.base_model and (_same_path(cfg.base_model, ts) or cfg.base_model == ts) and base:
+        return base
+    raise ConfigError(f"tokenizer_source {ts!r} is neither 'base' nor one of the models")
+
+
+def _describe_params(cfg: MergeConfig, spec: methods.MethodSpec) -> dict[str, Any]:
+    """Parameters as resolved before per-tensor evaluation: defaults filled in."""
+    return {
+        "global": {k: cfg.parameters.get(k, v) for k, v in spec.global_params.items()},
+        "models": [
+            {"model": m.model, **{k: m.parameters.get(k, cfg.parameters.get(k, v)) for k, v in spec.model_params.items()}}
+            for m in cfg.models
+        ],
+    }
+
+
+def model_card(manifest: dict[str, Any]) -> str:
+    cfg = manifest["config"]
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [merge, seme]",
+        "---",
+        f"# Merged model ({manifest['method']})",
+        "",
+        f"Produced by seme {manifest['seme_version']} on {manifest['created']} "
+        f"({manifest['device']}, {manifest['wall_seconds']} s).",
+        "",
+        f"- method: `{manifest['method']}`",
+        f"- base model: `{cfg.get('base_model')}`",
+        "- sources:",
+        *[f"  - `{m['model']}` {m.get('parameters') or ''}" for m in cfg["models"]],
+        f"- compute dtype: {manifest['dtype']}, output dtype: {manifest['out_dtype']}, seed: {manifest['seed']}",
+        f"- config sha256: `{manifest['config_sha256']}`",
+        "",
+        "Inputs, resolved parameters and output checksums are in `seme_manifest.json`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="tensor", desc="merge", disable=not enabled, leave=False)
