@@ -1,0 +1,104 @@
+"""Merge-method registry: name -> :class:`MethodSpec` (a pure per-tensor function + its parameters).
+
+Each method family lives in its own module and registers itself on import. The registry imports
+them lazily on the first :func:`get` / :func:`names`, so importing ``seme.methods`` stays cheap
+(no torch). ``seme.seme_merge`` registers the ``seme`` method the same way; it is optional here.
+
+Method function contract (docs/internals.md)::
+
+    fn(base: Tensor | None, tensors: list[Tensor], model_params: list[dict], params: dict,
+       rng: torch.Generator) -> Tensor
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from seme.errors import ConfigError
+
+__all__ = ["REQUIRED", "MethodSpec", "get", "names", "register"]
+
+#: Default value meaning "no default": the method raises ConfigError when the parameter is absent.
+REQUIRED = None
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered merge method.
+
+    ``global_params`` / ``model_params`` map parameter name -> default (``None``: required).
+    """
+
+    name: str
+    fn: Callable[..., Any]
+    needs_base: bool
+    global_params: dict[str, Any] = field(default_factory=dict)
+    model_params: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+_LOCK = threading.RLock()
+_BUILTIN_MODULES = (
+    "seme.methods.linear",
+    "seme.methods.gta",
+    "seme.methods.slerp",
+    "seme.methods.model_stock",
+)
+# Registered by other parts of seme; absent modules are tolerated (only the module itself).
+_OPTIONAL_MODULES = ("seme.seme_merge",)
+_loaded = {"builtin": False, "optional": False}
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+    """Add ``spec`` to the registry. Re-registering the same function under its name is a no-op."""
+    with _LOCK:
+        old = _REGISTRY.get(spec.name)
+        if old is not None and old.fn is not spec.fn:
+            raise ValueError(f"merge method {spec.name!r} is already registered by {old.fn.__module__}")
+        _REGISTRY[spec.name] = spec
+    return spec
+
+
+def _load_builtin() -> None:
+    with _LOCK:
+        if not _loaded["builtin"]:
+            for mod in _BUILTIN_MODULES:
+                importlib.import_module(mod)
+            _loaded["builtin"] = True
+
+
+def _load_optional() -> None:
+    with _LOCK:
+        if _loaded["optional"]:
+            return
+        for mod in _OPTIONAL_MODULES:
+            try:
+                importlib.import_module(mod)
+            except ModuleNotFoundError as e:
+                if e.name != mod:  # a dependency of an existing module is missing: a real error
+                    raise
+        _loaded["optional"] = True
+
+
+def names() -> list[str]:
+    """All registered method names, sorted."""
+    _load_builtin()
+    _load_optional()
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> MethodSpec:
+    """The spec registered as ``name``; ConfigError listing the valid names otherwise."""
+    _load_builtin()
+    spec = _REGISTRY.get(name)
+    if spec is None:
+        _load_optional()
+        spec = _REGISTRY.get(name)
+    if spec is None:
+        raise ConfigError(f"unknown merge_method {name!r}; valid: {', '.join(names())}")
+    return spec
