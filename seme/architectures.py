@@ -173,14 +173,13 @@ class Architecture:
     def t_of(self, name: str) -> float:
         """Position in depth for gradient parameters, as mergekit defines it.
 
-        Layer tensors: layer / (num_layers - 1). Tensors before the layers (embeddings): 0.
-        Tensors after them (final norm, LM head): 1.
+        Layer tensors: layer / (num_layers - 1) (1 for a single layer). Tensors outside the layers
+        (embeddings, final norm, LM head): 0 -- mergekit 0.1.5 plans both its pre- and post-layer
+        weights with t = 0 (plan.py, plan_module/plan_slice).
         """
         role = self.role(name)
         if role.layer is not None:
-            return 0.0 if self.num_layers <= 1 else role.layer / (self.num_layers - 1)
-        if role.kind in ("lm_head", "final_norm") or role.module == "head":
-            return 1.0
+            return 1.0 if self.num_layers <= 1 else role.layer / (self.num_layers - 1)
         return 0.0
 
 
