@@ -1,0 +1,359 @@
+"""Real service fixtures for tests: a moto S3 server and an MLflow tracking server.
+
+Both run as subprocesses on free 127.0.0.1 ports and are stopped by PID. The MLflow server keeps
+its runs and registry in SQLite under a temporary directory and its artifacts on the moto bucket
+(``--artifacts-destination s3://seme-mlflow/artifacts --serve-artifacts``), the way the pipeline
+runs it in a cluster.
+
+When ``SEME_TEST_S3_ENDPOINT`` / ``SEME_TEST_MLFLOW_URI`` are set (``tests/services.sh start``,
+used by ``.ci/run``), the fixtures reuse those servers instead of starting their own.
+
+The same code starts and stops the servers for the shell:
+
+    python tests/services.py start ENV_FILE     # writes SEME_TEST_S3_ENDPOINT=..., SEME_TEST_MLFLOW_URI=...
+    python tests/services.py stop ENV_FILE
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+MLFLOW_BUCKET = "seme-mlflow"
+DUMMY_AWS = {
+    "AWS_ACCESS_KEY_ID": "seme-test-access-key",
+    "AWS_SECRET_ACCESS_KEY": "seme-test-secret-key",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _bin(name: str) -> str:
+    """The console script ``name`` next to this interpreter (the venv), else from PATH."""
+    cand = Path(sys.executable).parent / name
+    return str(cand) if cand.exists() else (shutil.which(name) or name)
+
+
+def _wait_http(url: str, proc: subprocess.Popen | None, timeout: float, what: str, log: Path | None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text()[-2000:] if log and log.exists() else ""
+            raise RuntimeError(f"{what} exited with code {proc.returncode} while starting:\n{tail}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status < 500:
+                    return
+        except urllib.error.HTTPError as e:
+            if e.code < 500:
+                return
+        except OSError:
+            pass
+        time.sleep(0.25)
+    tail = log.read_text()[-2000:] if log and log.exists() else ""
+    raise RuntimeError(f"{what} did not answer at {url} within {timeout:.0f} s:\n{tail}")
+
+
+def stop_pid(pid: int, timeout: float = 10.0) -> None:
+    """Stop the process group led by ``pid`` (the server and any workers it forked), by PID."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return
+        except PermissionError:
+            os.kill(pid, sig)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+                if done == pid:
+                    return
+            except ChildProcessError:  # not our child: poll for existence instead
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    return
+            time.sleep(0.1)
+
+
+def start_moto(port: int | None = None, log: Path | None = None) -> tuple[subprocess.Popen, str]:
+    """Start ``python -m moto.server`` on 127.0.0.1; returns (process, endpoint url)."""
+    port = port or free_port()
+    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - handed to the child
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, **DUMMY_AWS},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_http(url + "/moto-api/", proc, 60, "moto server", log)
+    except BaseException:
+        stop_pid(proc.pid)
+        raise
+    return proc, url
+
+
+def create_bucket(endpoint: str, bucket: str) -> None:
+    """Create ``bucket`` on the S3 endpoint (idempotent)."""
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **_creds())
+    with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou, s3.exceptions.BucketAlreadyExists):
+        s3.create_bucket(Bucket=bucket)
+
+
+def _creds() -> dict[str, str]:
+    return {
+        "aws_access_key_id": DUMMY_AWS["AWS_ACCESS_KEY_ID"],
+        "aws_secret_access_key": DUMMY_AWS["AWS_SECRET_ACCESS_KEY"],
+    }
+
+
+def start_mlflow(
+    s3_endpoint: str, workdir: Path, port: int | None = None, db: Path | None = None
+) -> tuple[subprocess.Popen, str]:
+    """Start ``mlflow server`` (SQLite backend, artifacts proxied to the moto bucket)."""
+    create_bucket(s3_endpoint, MLFLOW_BUCKET)
+    port = port or free_port()
+    db = db or workdir / "mlflow.db"
+    log = workdir / f"mlflow-{port}.log"
+    env = {
+        **os.environ,
+        **DUMMY_AWS,
+        "MLFLOW_S3_ENDPOINT_URL": s3_endpoint,
+    }
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = [
+        _bin("mlflow"), "server",
+        "--backend-store-uri", f"sqlite:///{db}",
+        "--artifacts-destination", f"s3://{MLFLOW_BUCKET}/artifacts",
+        "--serve-artifacts",
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--workers", "1",
+    ]  # fmt: skip
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, cwd=workdir, env=env, start_new_session=True
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_http(url + "/health", proc, 180, "mlflow server", log)
+    except BaseException:
+        stop_pid(proc.pid)
+        raise
+    return proc, url
+
+
+@contextlib.contextmanager
+def _env(values: dict[str, str]) -> Iterator[None]:
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in values.items():
+            mp.setenv(k, v)
+        yield
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """Endpoint URL of a running moto S3 server; AWS credentials in the env are dummy values."""
+    with _env(DUMMY_AWS):
+        external = os.environ.get("SEME_TEST_S3_ENDPOINT")
+        if external:
+            yield external
+            return
+        tmp = Path(tempfile.mkdtemp(prefix="seme-moto-"))
+        proc, url = start_moto(log=tmp / "moto.log")
+        try:
+            yield url
+        finally:
+            stop_pid(proc.pid)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3_server: str) -> Iterator[str]:
+    """Tracking URI of a running MLflow server (SQLite backend, artifacts on the moto bucket)."""
+    external = os.environ.get("SEME_TEST_MLFLOW_URI")
+    if external:
+        yield external
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="seme-mlflow-"))
+    proc, url = start_mlflow(s3_server, tmp)
+    try:
+        yield url
+    finally:
+        stop_pid(proc.pid)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class CuttingProxy:
+    """A real TCP proxy in front of a server that can drop connections mid-response.
+
+    ``cut_after(n)`` arms it: once ``n`` more response bytes have gone through, every open
+    connection is closed (a transfer cut mid-way, as when a load balancer or the network drops it).
+    It records each request line and ``Range`` header seen, in order, so tests can check what a
+    client actually asked for (e.g. that a resume asked for ``bytes=N-``).
+    """
+
+    def __init__(self, upstream_url: str) -> None:
+        import re
+        import threading
+        from urllib.parse import urlparse
+
+        u = urlparse(upstream_url)
+        self._upstream = (u.hostname, u.port)
+        self._re = re.compile(rb"^([A-Z]+ \S+) HTTP/1\.[01]\r\n(?:.*?\r\n)*?\r\n", re.DOTALL | re.MULTILINE)
+        self._range = re.compile(rb"^range: *(bytes=\S+)\r$", re.IGNORECASE | re.MULTILINE)
+        self._lock = threading.Lock()
+        self._budget: int | None = None
+        self._conns: list[socket.socket] = []
+        self.requests: list[tuple[str, str | None]] = []  # (method + path, range header)
+        self.cuts = 0
+        self._srv = socket.socket()
+        self._srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._srv.bind(("127.0.0.1", 0))
+        self._srv.listen(64)
+        self.url = f"http://127.0.0.1:{self._srv.getsockname()[1]}"
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def cut_after(self, nbytes: int | None) -> None:
+        with self._lock:
+            self._budget = nbytes
+
+    def _accept(self) -> None:
+        import threading
+
+        while not self._closed:
+            try:
+                client, _ = self._srv.accept()
+            except OSError:
+                return
+            try:
+                up = socket.create_connection(self._upstream)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns += [client, up]
+            threading.Thread(target=self._pump_requests, args=(client, up), daemon=True).start()
+            threading.Thread(target=self._pump_responses, args=(up, client), daemon=True).start()
+
+    def _pump_requests(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                for m in self._re.finditer(data):
+                    r = self._range.search(m.group(0))
+                    with self._lock:
+                        self.requests.append((m.group(1).decode(), r.group(1).decode() if r else None))
+                dst.sendall(data)
+        except OSError:
+            pass
+        self._close_pair(src, dst)
+
+    def _pump_responses(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                with self._lock:
+                    budget = self._budget
+                    if budget is not None and len(data) >= budget:
+                        self._budget = None
+                        self.cuts += 1
+                        cut, data = True, data[:budget]
+                    else:
+                        cut = False
+                        if budget is not None:
+                            self._budget = budget - len(data)
+                if data:
+                    dst.sendall(data)
+                if cut:
+                    self.drop_all()
+                    return
+        except OSError:
+            pass
+        self._close_pair(src, dst)
+
+    def _close_pair(self, a: socket.socket, b: socket.socket) -> None:
+        for s in (a, b):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                s.close()
+
+    def drop_all(self) -> None:
+        """Close every open connection now."""
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for s in conns:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                s.close()
+
+    def close(self) -> None:
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self._srv.close()
+        self.drop_all()
+
+
+# ------------------------------------------------------------------------------------------------
+# Shell entry point (tests/services.sh)
+# ------------------------------------------------------------------------------------------------
+
+
+def _cli(argv: list[str]) -> int:
+    if len(argv) != 2 or argv[0] not in ("start", "stop"):
+        print("usage: services.py start|stop ENV_FILE", file=sys.stderr)
+        return 2
+    action, env_file = argv[0], Path(argv[1]).absolute()
+    state = env_file.with_suffix(env_file.suffix + ".pids")
+    if action == "stop":
+        if state.exists():
+            for line in state.read_text().split():
+                if line.isdigit():
+                    stop_pid(int(line))
+            state.unlink()
+        return 0
+    workdir = Path(tempfile.mkdtemp(prefix="seme-services-"))
+    moto, s3_url = start_moto(log=workdir / "moto.log")
+    state.write_text(f"{moto.pid}\n")
+    try:
+        mlf, mlflow_url = start_mlflow(s3_url, workdir)
+    except BaseException:
+        stop_pid(moto.pid)
+        state.unlink()
+        raise
+    state.write_text(f"{mlf.pid}\n{moto.pid}\n")
+    env_file.write_text(
+        f"SEME_TEST_S3_ENDPOINT={s3_url}\nSEME_TEST_MLFLOW_URI={mlflow_url}\nSEME_TEST_SERVICES_DIR={workdir}\n"
+    )
+    print(f"moto S3 at {s3_url} (pid {moto.pid}); MLflow at {mlflow_url} (pid {mlf.pid}); logs in {workdir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_cli(sys.argv[1:]))
