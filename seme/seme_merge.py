@@ -1,0 +1,291 @@
+"""SeMe's Select → Compute → Erase, one output tensor at a time (seme-method.md §4-§6).
+
+The executor (``seme.merge.run_merge``) calls :meth:`SemeMerger.prepare` once, then
+:meth:`SemeMerger.merge_tensor` for every output tensor in the anchor's order. Per tensor the merger
+reads the sources (and base) through :class:`~seme.alignment.ModelView` (rotation, folding,
+permutations and vocabulary map applied lazily), forms task vectors Δ_k = θ_k − θ_0 and:
+
+- layer matrices (read/write): the module's selected sources, λ-weighted; with ``erase: ties`` and at
+  least two selected sources, TIES in semantic coordinates over the token subset T (trim, elect,
+  erase, disjoint mean), mapped back with Ŝ_T⁺, in blocks of ``block_size`` vectors (on the GPU when
+  the device is cuda);
+- embedding / LM-head rows: Select and Compute per token row (no Erase);
+- norm gains and biases: the module's λ, no Erase.
+
+Memory stays at a few tensors plus the d×d metric and the |T|×d bases: no model is ever loaded whole.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from seme import methods
+from seme.alignment import (
+    _ROW_KINDS,
+    GLOBAL_PARAMS,
+    MODEL_PARAMS,
+    Alignment,
+    Layout,
+    ModelView,
+    Settings,
+    compute_alignment,
+    load_alignment,
+    model_basis,
+    model_sha256,
+    module_key,
+    module_weights,
+    select_and_compute,
+    task_vectors,
+    write_alignment,
+)
+from seme.checkpoint import Checkpoint
+from seme.errors import AlignmentError, ConfigError
+from seme.semantics import pseudo_inverse_rows, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+def _not_per_tensor(*_args: Any, **_kwargs: Any) -> torch.Tensor:
+    """SeMe needs whole-module statistics; the executor drives it through SemeMerger instead."""
+    raise ConfigError("merge_method seme is run by seme.merge.run_merge through SemeMerger, not per tensor")
+
+
+SPEC = methods.register(
+    methods.MethodSpec(
+        name="seme",
+        fn=_not_per_tensor,
+        needs_base=False,
+        global_params=dict(GLOBAL_PARAMS),
+        model_params=dict(MODEL_PARAMS),
+        description="SeMe: semantic alignment + Select/Compute/Erase, data-free (docs/seme-method.md)",
+    )
+)
+
+
+def erase_ties(X: torch.Tensor, S_T: torch.Tensor, P: torch.Tensor, density: float,
+               block: int = 512) -> torch.Tensor:
+    """TIES in semantic coordinates (§5) for residual-side vectors.
+
+    X: (K, d, n) λ-weighted task vectors of the selected sources (columns are vectors).
+    S_T: (|T|, d) unit semantic bases of the token subset; P = Ŝ_T⁺ (d, |T|).
+    Returns Δ* (d, n). Trim keeps the top ``density`` fraction of |c| per vector (kthvalue, no sort);
+    a sign is elected per token from the trimmed sum; entries of the other sign are erased; the kept
+    entries are averaged (disjoint mean) and mapped back with P.
+    """
+    K, d, n = X.shape
+    T = S_T.shape[0]
+    keep = max(1, math.ceil(density * T))
+    out = torch.empty(d, n, dtype=X.dtype, device=X.device)
+    for lo in range(0, n, block):
+        c = torch.matmul(S_T, X[:, :, lo : lo + block])  # (K, |T|, b)
+        if keep < T:
+            thr = c.abs().kthvalue(T - keep + 1, dim=1, keepdim=True).values
+            c = torch.where(c.abs() >= thr, c, torch.zeros((), dtype=c.dtype, device=c.device))
+        elected = torch.sign(c.sum(dim=0, keepdim=True))
+        agree = (torch.sign(c) == elected) & (c != 0)
+        kept = torch.where(agree, c, torch.zeros((), dtype=c.dtype, device=c.device))
+        count = agree.sum(dim=0).clamp_min(1).to(c.dtype)
+        out[:, lo : lo + block] = P @ (kept.sum(dim=0) / count)
+    return out
+
+
+class SemeMerger:
+    """Streams a SeMe merge: one output tensor per :meth:`merge_tensor` call."""
+
+    def __init__(self, cfg: Any, sources: list[Checkpoint], base: Checkpoint | None, alignment: Alignment,
+                 device: str, settings: Settings, inline: bool, alignment_dir: Path | None) -> None:
+        self.cfg = cfg
+        self.sources = sources
+        self.base = base
+        self.alignment = alignment
+        self.device = device
+        self.settings = settings
+        self.inline = inline
+        self.alignment_dir = alignment_dir
+        anchor = base or sources[0]
+        self.anchor = anchor
+        self.arch = anchor.architecture
+        self.layout = Layout(self.arch, anchor.names)
+        self.src_views = [ModelView(s, self.layout, alignment.model_alignment(str(i)), device=device)
+                          for i, s in enumerate(sources)]
+        self.base_view = (ModelView(base, self.layout, alignment.model_alignment("base"), device=device)
+                          if base is not None else None)
+        t = time.perf_counter()
+        basis = getattr(alignment, "anchor_basis", None)
+        if basis is None:
+            basis = model_basis(anchor, self.layout, None, float(alignment.meta["settings"]["ridge"]), device)
+        self.F32 = basis.F.to(device=device, dtype=torch.float32)
+        T = alignment.token_subset.to(basis.W.device)
+        S_T = basis.unit_rows(T)
+        self.S_T = S_T.to(device=device, dtype=torch.float32)
+        self.P = pseudo_inverse_rows(S_T).to(device=device, dtype=torch.float32)
+        del basis
+        self.timings: dict[str, float] = {"erase_basis_s": time.perf_counter() - t, "erase_s": 0.0,
+                                          "merge_s": 0.0}
+        self.modules = self._plan_modules()
+
+    # -- preparation -----------------------------------------------------------------------------
+    @classmethod
+    def prepare(cls, config: Any, sources: list[Checkpoint], base: Checkpoint | None,
+                alignment_dir: Path | None, device: str = "cpu") -> SemeMerger:
+        """Load (and verify) or compute the alignment, then precompute Ŝ_T, Ŝ_T⁺ and the module plan."""
+        device = resolve_device(device)
+        settings = Settings.from_config(config)
+        if alignment_dir is not None:
+            al = load_alignment(alignment_dir)
+            _verify(al, sources, base, Path(alignment_dir))
+            inline = False
+        else:
+            al = compute_alignment(config, sources, base, device=device)
+            inline = True
+        return cls(config, sources, base, al, device, settings, inline, alignment_dir)
+
+    def _plan_modules(self) -> dict[str, dict[str, Any]]:
+        """Select/Compute per module with this merge's settings, from the alignment's Gram matrices."""
+        from seme.config import ParamResolver
+
+        res = ParamResolver(self.cfg, GLOBAL_PARAMS, MODEL_PARAMS)
+        plan = {}
+        for key, m in self.alignment.meta["modules"].items():
+            first = m["first_tensor"]
+            gram = torch.tensor(m["gram"], dtype=torch.float64)
+            weights = module_weights(self.cfg, self.arch, first)
+            sc = select_and_compute(gram, float(m["base_sq"]), weights, self.settings)
+            gp = res.global_params(first, self.arch.t_of(first))
+            try:
+                alpha = float(gp["scale"])
+            except (TypeError, ValueError):
+                raise ConfigError(f"SeMe parameter scale must be a number (module {key})") from None
+            plan[key] = {**sc, "alpha": alpha, "weights": weights, "gram": m["gram"], "base_sq": m["base_sq"],
+                         "first_tensor": first}
+        return plan
+
+    # -- merging ---------------------------------------------------------------------------------
+    def merge_tensor(self, name: str) -> torch.Tensor:
+        """The merged tensor ``name`` (float32, the anchor's layout); the executor casts and writes it."""
+        t_start = time.perf_counter()
+        role = self.arch.role(name)
+        tv = task_vectors(self.src_views, self.base_view, name)
+        if tv is None:  # integer buffers: the anchor's
+            return self.anchor.get(name)
+        t0, deltas, masks = tv
+        key = module_key(role)
+        mod = self.modules.get(key)
+        if mod is None:
+            raise AlignmentError(f"alignment has no statistics for module {key} (tensor {name}); re-run seme align")
+        alpha = mod["alpha"]
+        sel = [k for k, s in enumerate(mod["selected"]) if s]
+        if role.kind in _ROW_KINDS and t0.dim() == 2:
+            out = self._merge_rows(t0, deltas, masks, mod)
+        elif not sel:
+            out = t0
+        elif (role.kind in ("read", "write") and t0.dim() == 2 and self.settings.erase == "ties"
+              and len(sel) >= 2):
+            te = time.perf_counter()
+            X = torch.stack([mod["lambda"][k] * (deltas[k] if role.kind == "write" else deltas[k].T)
+                             for k in sel])
+            merged = erase_ties(X, self.S_T, self.P, self.settings.density, self.settings.block_size)
+            out = t0 + alpha * (merged if role.kind == "write" else merged.T)
+            self.timings["erase_s"] += time.perf_counter() - te
+        else:
+            out = t0 + alpha * sum(mod["lambda"][k] * deltas[k] for k in sel)
+        if role.transposed and out.dim() == 2:
+            out = out.T
+        self.timings["merge_s"] += time.perf_counter() - t_start
+        return out.contiguous()
+
+    def _merge_rows(self, t0: torch.Tensor, deltas: list[torch.Tensor], masks: list[torch.Tensor | None],
+                    mod: dict[str, Any]) -> torch.Tensor:
+        """Embedding / LM-head rows: Select and Compute per token row with the module's λ (§6)."""
+        s = self.settings
+        K = len(deltas)
+        F = self.F32
+        w = torch.tensor(mod["weights"], dtype=torch.float32, device=t0.device)
+        out = t0.clone()
+        for lo in range(0, t0.shape[0], 8192):
+            hi = min(lo + 8192, t0.shape[0])
+            D = torch.stack([dk[lo:hi] for dk in deltas])  # K×n×d
+            FD = D @ F
+            sq = (D * FD).sum(-1).clamp_min(0)  # K×n
+            b0 = t0[lo:hi]
+            base = ((b0 @ F) * b0).sum(-1).clamp_min(0)
+            sigma = torch.where(base > 0, sq.sqrt() / base.sqrt().clamp_min(1e-30), sq.sqrt())
+            smax = sigma.max(0).values
+            sel = (sigma >= s.select_ratio * smax) & (sigma > s.select_floor)
+            for k, m in enumerate(masks):
+                if m is not None:
+                    sel[k] &= m[lo:hi].bool()
+            lam = w[:, None].expand(K, hi - lo).clone()
+            if s.compute == "overlap":
+                G = torch.einsum("jnd,knd->jkn", D, FD)
+                nrm = sq.sqrt()
+                O = G / (nrm[:, None] * nrm[None, :]).clamp_min(1e-30)
+                tot = (O.clamp_min(0) * sel[:, None, :]).sum(0)  # Σ_j∈sel max(0, O_jk)
+                lam = torch.where(tot > 0, lam / tot.clamp_min(1e-30), lam)
+            elif s.compute == "cap":
+                lw = lam * sel
+                summed = (lw[:, :, None] * D).sum(0)
+                tot = ((summed @ F) * summed).sum(-1).clamp_min(0).sqrt()
+                largest = (lw.abs() * sq.sqrt()).max(0).values
+                cap = torch.where(tot > 0, (largest / tot.clamp_min(1e-30)).clamp(max=1.0), torch.ones_like(tot))
+                lam = lam * cap[None, :]
+            coef = lam * sel
+            out[lo:hi] = b0 + mod["alpha"] * (coef[:, :, None] * D).sum(0)
+        return out
+
+    # -- outputs ---------------------------------------------------------------------------------
+    def merge_meta(self) -> dict[str, Any]:
+        """alignment.json as this merge used it (modules carry this merge's selection and λ)."""
+        meta = dict(self.alignment.meta)
+        meta["modules"] = {
+            k: {kk: v for kk, v in m.items()} for k, m in self.modules.items()
+        }
+        meta["merge_settings"] = {k: getattr(self.settings, k) for k in GLOBAL_PARAMS}
+        meta["merge_timings"] = dict(self.timings)
+        return meta
+
+    def manifest_extra(self) -> dict[str, Any]:
+        """SeMe's entry in seme_manifest.json."""
+        K = len(self.sources)
+        layer_mods = [m for k, m in self.modules.items() if k.startswith(("attn.", "mlp."))]
+        return {
+            "alignment": "inline" if self.inline else str(self.alignment_dir),
+            "anchor": self.alignment.meta["anchor"],
+            "settings": {k: getattr(self.settings, k) for k in GLOBAL_PARAMS},
+            "rotation": self.alignment.meta["rotation"],
+            "selected_modules_per_source": [sum(1 for m in layer_mods if m["selected"][k]) for k in range(K)],
+            "layer_modules": len(layer_mods),
+            "token_subset": int(self.alignment.token_subset.numel()),
+            "f_spectrum": self.alignment.meta.get("f_spectrum"),
+            "alignment_timings": self.alignment.meta.get("timings"),
+            "merge_timings": dict(self.timings),
+            "device": self.device,
+        }
+
+    def write_artifacts(self, out_dir: Path) -> None:
+        """The alignment artifact as used by this merge, under ``out_dir/seme_alignment``."""
+        write_alignment(Alignment(meta=self.merge_meta(), tensors=self.alignment.tensors),
+                        Path(out_dir) / "seme_alignment")
+
+
+def _verify(al: Alignment, sources: list[Checkpoint], base: Checkpoint | None, where: Path) -> None:
+    """The artifact must have been computed for exactly these checkpoints (sha256 of their files)."""
+    models = al.meta.get("models", {})
+    want = (["base"] if base is not None else []) + [str(i) for i in range(len(sources))]
+    if sorted(models) != sorted(want):
+        raise AlignmentError(
+            f"{where}: alignment was computed for models {sorted(models)}, this merge has {want} "
+            "(base and sources must match the config used by seme align)"
+        )
+    for key, ck in zip(want, ([base] if base is not None else []) + list(sources)):
+        if models[key]["sha256"] != model_sha256(ck):
+            raise AlignmentError(
+                f"{where}: alignment was computed for {models[key]['path']}, whose weights differ from "
+                f"{ck.path}; re-run seme align"
+            )
