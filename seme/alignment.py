@@ -38,7 +38,6 @@ from seme.semantics import (
     compute_basis,
     effective_readout,
     resolve_device,
-    row_sem_sq,
     spectrum_summary,
     token_subset,
 )
@@ -253,20 +252,17 @@ class ModelView:
                     t = t * self.gain(norm_name)[None, :]
             elif kind == "lm_head" and al.fold_final and lay.final_norm:
                 t = t * self.gain(lay.final_norm)[None, :]
-            elif kind == "norm" and unit in self.arch.norm_feeds:
-                t = torch.full_like(t, 1.0 - self.arch.norm_offset)
-            elif kind == "final_norm" and al.fold_final:
+            elif (kind == "norm" and unit in self.arch.norm_feeds) or (kind == "final_norm" and al.fold_final):
                 t = torch.full_like(t, 1.0 - self.arch.norm_offset)
         # 3. residual rotation (x_anchor = R x_model)
         R = self._rot32
         if R is not None:
             if kind in ("read", "embed", "lm_head", "pos_embed") and t.dim() == 2:
                 t = t @ R.T
-            elif kind == "write":
+            elif kind == "write" or (
+                kind == "bias" and lay.kind_of_unit.get((layer, unit.removesuffix("_bias"))) == "write"
+            ):
                 t = R @ t
-            elif kind == "bias" and unit.endswith("_bias"):
-                if lay.kind_of_unit.get((layer, unit[: -len("_bias")])) == "write":
-                    t = R @ t
         # 4. unit permutations
         if layer is not None:
             base_unit = unit[: -len("_bias")] if (kind == "bias" and unit.endswith("_bias")) else unit
@@ -405,7 +401,7 @@ class Alignment:
 
 def check_compatible(models: list[tuple[str, Checkpoint]]) -> None:
     """Same family, sizes and tensor names/shapes (rows of embeddings/LM head may differ)."""
-    key_a, a = models[0]
+    a = models[0][1]
     arch_a = a.architecture
     fields = ("family", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
               "intermediate_size", "tied_embeddings")
@@ -451,8 +447,12 @@ def model_basis(ckpt: Checkpoint, layout: Layout, vocab_map: torch.Tensor | None
     return compute_basis(W, where, ridge=ridge, device=device)
 
 
-def procrustes(bm: SemanticBasis, ba: SemanticBasis, shared: torch.Tensor | None) -> tuple[torch.Tensor, float]:
-    """R = argmin ‖Ŝ_m Rᵀ − Ŝ_a‖_F (orthogonal) over shared tokens; returns (R, relative residual)."""
+def procrustes(bm: SemanticBasis, ba: SemanticBasis, shared: torch.Tensor | None
+               ) -> tuple[torch.Tensor, float, float]:
+    """R = argmin ‖Ŝ_m Rᵀ − Ŝ_a‖_F (orthogonal) over shared tokens.
+
+    Returns (R, RMS row residual with R, RMS row residual with the identity).
+    """
     d = ba.hidden_size
     dev = ba.W.device
     ids = torch.arange(ba.vocab_size, device=dev) if shared is None else torch.nonzero(shared.to(dev)).flatten()
@@ -464,7 +464,8 @@ def procrustes(bm: SemanticBasis, ba: SemanticBasis, shared: torch.Tensor | None
     Q = U @ Vh  # minimises ‖Ŝ_m Q − Ŝ_a‖; R = Qᵀ
     n = float(ids.numel())
     resid_sq = max(0.0, 2 * n - 2 * float(S.sum()))  # ‖Ŝ_m Q‖² = ‖Ŝ_a‖² = n (unit rows)
-    return Q.T.contiguous(), math.sqrt(resid_sq / max(n, 1.0))
+    ident_sq = max(0.0, 2 * n - 2 * float(torch.trace(C)))
+    return Q.T.contiguous(), math.sqrt(resid_sq / max(n, 1.0)), math.sqrt(ident_sq / max(n, 1.0))
 
 
 def _hungarian(cost: torch.Tensor, identity_frac: float) -> tuple[torch.Tensor | None, float]:
@@ -608,7 +609,7 @@ def _task_stats(views: list[ModelView], base_view: ModelView | None, names: list
         else:
             metric = "plain"
 
-        def apply(x: torch.Tensor) -> torch.Tensor:
+        def apply(x: torch.Tensor, metric: str = metric) -> torch.Tensor:
             if metric == "write":
                 return F32 @ x
             if metric == "read":
@@ -734,11 +735,15 @@ def compute_alignment(cfg: Any, sources: list[Checkpoint], base: Checkpoint | No
         if key == anchor_key:
             continue
         vmap = als[key].vocab_map
-        R, resid = procrustes(bases[key], ba, None if vmap is None else vmap >= 0)
+        R, resid, resid_id = procrustes(bases[key], ba, None if vmap is None else vmap >= 0)
         dev_ = float((R - torch.eye(d, dtype=R.dtype, device=R.device)).norm())
         rotations[key] = R
-        rot_records[key] = {"deviation_from_identity": dev_, "procrustes_residual": resid}
-    needed = any(r["deviation_from_identity"] >= s.rotation_tol * math.sqrt(d) for r in rot_records.values())
+        rot_records[key] = {"deviation_from_identity": dev_, "procrustes_residual": resid,
+                            "identity_residual": resid_id}
+    # Rotate only when some R_k is far from I *and* explains most of the basis mismatch: for fine-tunes
+    # of one base, Procrustes on a small vocabulary fits noise (R ≠ I, residual barely lower).
+    needed = any(r["deviation_from_identity"] >= s.rotation_tol * math.sqrt(d)
+                 and r["procrustes_residual"] < 0.5 * r["identity_residual"] for r in rot_records.values())
     applied, reason = False, "all rotations within rotation_tol of the identity"
     fold_final = not layout.tied
     if needed and not arch.residual_rotation_ok:
@@ -901,7 +906,7 @@ def load_alignment(path: str | os.PathLike) -> Alignment:
         raise AlignmentError(f"{js}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
     try:
         tensors = load_file(str(st))
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - safetensors raises several unrelated types
         raise AlignmentError(f"{st}: corrupt alignment tensors ({e})") from None
     if "tokens" not in tensors:
         raise AlignmentError(f"{st}: missing the token subset")

@@ -78,7 +78,7 @@ def erase_ties(X: torch.Tensor, S_T: torch.Tensor, P: torch.Tensor, density: flo
     a sign is elected per token from the trimmed sum; entries of the other sign are erased; the kept
     entries are averaged (disjoint mean) and mapped back with P.
     """
-    K, d, n = X.shape
+    _k, d, n = X.shape
     T = S_T.shape[0]
     keep = max(1, math.ceil(density * T))
     out = torch.empty(d, n, dtype=X.dtype, device=X.device)
