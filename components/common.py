@@ -1,0 +1,96 @@
+"""What every component shares: the project image and the artifact digest recorded as metadata.
+
+Imported inside component bodies (``from components.common import ...``): the image installs this
+package next to ``seme``, and locally it is importable from the checkout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+#: The project image every component runs in (infra/docker/Dockerfile; the CUDA variant is tagged
+#: ``<version>-cu128``). Pinned: a compiled pipeline names exactly one image.
+IMAGE = "ghcr.io/seme-project/seme:0.1.0"
+
+# Files that describe a directory rather than belong to it: excluded from its digest.
+_BOOKKEEPING = {".seme_fetch.json"}
+
+
+def artifact_digest(path: str | os.PathLike) -> str:
+    """sha256 of a file, or of a directory as the sorted ``"<sha256>  <relative path>"`` lines of its files.
+
+    For a directory the per-file digests recorded by ``seme fetch`` (``.seme_fetch.json``) are used
+    when present, so a verified multi-GB checkpoint is not read twice.
+    """
+    from seme.fsutil import sha256_file
+
+    p = Path(path)
+    if p.is_file():
+        return sha256_file(p)
+    known: dict[str, str] = {}
+    record = p / ".seme_fetch.json"
+    if record.is_file():
+        known = {rel: f["sha256"] for rel, f in json.loads(record.read_text()).get("files", {}).items()}
+    lines = []
+    for f in sorted(x for x in p.rglob("*") if x.is_file()):
+        rel = f.relative_to(p).as_posix()
+        if rel in _BOOKKEEPING:
+            continue
+        lines.append(f"{known.get(rel) or sha256_file(f)}  {rel}\n")
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def localize_config(config_yaml: str, fetched: dict[str, str]) -> dict:
+    """The merge config with every fetched ``s3://`` reference replaced by its local artifact path.
+
+    The pipeline fetches ``source_uris`` and ``base_uri`` in their own steps; the config names the
+    same URIs (``models[].model``, ``base_model``, ``tokenizer_source``). A config URI that was not
+    fetched, or a fetched URI the config does not use, is a ``ConfigError`` naming it, so the
+    pipeline never merges something other than what it verified.
+    """
+    import yaml
+
+    from seme.errors import ConfigError
+
+    try:
+        cfg = yaml.safe_load(config_yaml)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"merge_config: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError("merge_config: a merge config must be a YAML mapping")
+    used: set[str] = set()
+
+    def local(ref: object, where: str) -> object:
+        if not isinstance(ref, str) or not ref.startswith("s3://"):
+            return ref
+        key = ref.rstrip("/")
+        if key not in fetched:
+            raise ConfigError(
+                f"merge_config: {where} names {ref}, which is not among the pipeline's source_uris/base_uri"
+            )
+        used.add(key)
+        return fetched[key]
+
+    for i, m in enumerate(cfg.get("models") or []):
+        if isinstance(m, dict) and "model" in m:
+            m["model"] = local(m["model"], f"models[{i}].model")
+    for key in ("base_model", "tokenizer_source"):
+        if key in cfg:
+            cfg[key] = local(cfg[key], key)
+    unused = sorted(set(fetched) - used)
+    if unused:
+        raise ConfigError(f"merge_config does not use the fetched checkpoint(s) {', '.join(unused)}")
+    return cfg
+
+
+def fetched_paths(*artifacts: object) -> dict[str, str]:
+    """``{uri: local path}`` of fetch_checkpoint outputs (Model artifacts; empty URIs skipped)."""
+    out: dict[str, str] = {}
+    for a in artifacts:
+        uri = (a.metadata or {}).get("uri", "")  # type: ignore[attr-defined]
+        if uri:
+            out[uri.rstrip("/")] = a.path  # type: ignore[attr-defined]
+    return out

@@ -1,0 +1,48 @@
+"""Merge the fetched checkpoints per the merge config; publish the result to object storage."""
+
+from kfp import dsl
+from kfp.dsl import Artifact, Input, Model, Output
+
+from components.common import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def merge_checkpoints(
+    merge_config: str,
+    sources: Input[list[Model]],
+    base: Input[Model],
+    alignment: Input[Artifact],
+    output_uri: str,
+    s3_endpoint: str,
+    pipeline_run: str,
+    merged: Output[Model],
+    device: str = "auto",
+) -> None:
+    """Run ``seme.merge.run_merge`` into the Model artifact and publish it to ``output_uri/pipeline_run``.
+
+    The published prefix is per pipeline run, so a rerun never overwrites an earlier result.
+    Metadata: ``uri`` (published location), ``sha256``, ``method``, ``config_sha256``.
+    """
+    import yaml
+
+    from components.common import artifact_digest, fetched_paths, localize_config
+    from seme.config import load_config
+    from seme.merge import run_merge
+    from seme.storage import publish
+
+    cfg = load_config(localize_config(merge_config, fetched_paths(*sources, base)))
+    aligned = None if alignment.metadata.get("skipped", True) else alignment.path
+    run_merge(cfg, merged.path, alignment=aligned, device=device, progress=False)
+    uri = ""
+    if output_uri:
+        uri = f"{output_uri.rstrip('/')}/{pipeline_run}"
+        publish(merged.path, uri, endpoint_url=s3_endpoint or None)
+    merged.metadata.update(
+        {
+            "uri": uri,
+            "sha256": artifact_digest(merged.path),
+            "method": cfg.merge_method,
+            # of the config as given (with its s3:// URIs), not of the local paths it ran with
+            "config_sha256": load_config(yaml.safe_load(merge_config)).sha256(),
+        }
+    )
