@@ -63,9 +63,18 @@ def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
     return keep.view(x.shape)
 
 
+def _l1(x: torch.Tensor) -> torch.Tensor:
+    """L1 norm, accumulated in float64 and rounded once to ``x``'s dtype.
+
+    mergekit sums in the dtype itself; a float64 accumulator gives that sum correctly rounded, so
+    the result no longer depends on how many threads split the reduction.
+    """
+    return x.abs().sum(dtype=torch.float64).to(x.dtype)
+
+
 def _rescale_l1_(delta: torch.Tensor, before: torch.Tensor) -> None:
     """Scale the masked ``delta`` in place so its L1 norm is ``before`` again (mergekit's rescale)."""
-    after = delta.abs().sum()
+    after = _l1(delta)
     if before < _EPS or after < _EPS:
         return
     delta.mul_(before / after)
@@ -75,7 +84,7 @@ def magnitude_(delta: torch.Tensor, dens: float, rescale: str | None) -> torch.T
     """TIES trim, in place: keep the ``max(1, int(density·n))`` largest-magnitude entries."""
     if dens >= 1.0 or delta.numel() == 0:
         return delta
-    before = delta.abs().sum() if rescale == "l1" else None
+    before = _l1(delta) if rescale == "l1" else None
     delta.mul_(topk_mask(delta, max(1, int(dens * delta.numel()))))
     if rescale == "l1":
         _rescale_l1_(delta, before)
@@ -91,7 +100,7 @@ def dare_(delta: torch.Tensor, dens: float, rescale: str | None, rng: torch.Gene
     # mergekit works in float32 for float16 on CPU (bernoulli has no CPU half kernel)
     work = delta.float() if (delta.dtype == torch.float16 and delta.device.type == "cpu") else delta
     mask = torch.empty_like(work).bernoulli_(dens, generator=rng)
-    before = work.abs().sum() if rescale == "l1" else None
+    before = _l1(work) if rescale == "l1" else None
     work.mul_(mask)
     del mask
     if rescale == "l1":
