@@ -37,5 +37,10 @@ def compute_alignment(
     dev = str(resolve_device(device))
     align(cfg, alignment.path, device=dev)
     alignment.metadata.update(
-        {"method": cfg.merge_method, "skipped": False, "device": dev, "sha256": artifact_digest(alignment.path)}
+        {
+            "method": cfg.merge_method,
+            "skipped": False,
+            "device": dev,
+            "sha256": artifact_digest(alignment.path),
+        }
     )

@@ -94,3 +94,15 @@ def fetched_paths(*artifacts: object) -> dict[str, str]:
         if uri:
             out[uri.rstrip("/")] = a.path  # type: ignore[attr-defined]
     return out
+
+
+def parent_names(uris: list[str]) -> list[str]:
+    """Readable, unique names for source checkpoints: the URI's last segment (``-2``, ``-3`` on clashes)."""
+    names: list[str] = []
+    for i, uri in enumerate(uris):
+        stem = uri.rstrip("/").rsplit("/", 1)[-1] or f"source-{i}"
+        name, k = stem, 2
+        while name in names or name in ("merged", "base"):
+            name, k = f"{stem}-{k}", k + 1
+        names.append(name)
+    return names

@@ -1,4 +1,4 @@
-"""Evaluate the merged model and its parents on one suite."""
+"""Evaluate the merged model and its parents on one suite; write the gate's metrics bundle."""
 
 from kfp import dsl
 from kfp.dsl import Artifact, Input, Metrics, Model, Output
@@ -13,39 +13,59 @@ def evaluate_models(
     base: Input[Model],
     suite: str,
     limit: int,
+    expert_tasks: dict,
     metrics: Output[Metrics],
     report: Output[Artifact],
     device: str = "auto",
 ) -> None:
     """Run ``seme.evaluation.evaluate`` on the merged model, every source and the base.
 
-    ``report`` is a directory of metrics JSON files (interfaces.md), one per model: ``merged.json``,
-    ``source-<i>.json`` and ``base.json``, plus ``index.json`` mapping each file to the checkpoint URI;
-    the gate reads it. ``metrics`` carries the merged model's scalars for the KFP UI.
-    Metadata: ``suite``, ``sha256``.
+    ``report`` is a directory: one metrics JSON per model (``merged.json``, ``<parent>.json``) and
+    ``bundle.json``, the gate's metrics bundle (``seme.gates.make_bundle``). Parents are named
+    ``base`` and by their URI's last segment; ``expert_tasks`` (``{task: source URI}``) says which
+    source is the specialist of which task. ``metrics`` carries the merged model's scalars for the
+    KFP UI. Metadata: ``suite``, ``sha256``.
     """
     import json
     import os
 
-    from components.common import artifact_digest
+    from components.common import artifact_digest, parent_names
+    from seme.errors import ConfigError
     from seme.evaluation import evaluate, write_metrics
+    from seme.gates import make_bundle
     from seme.merge import resolve_device
 
     dev = str(resolve_device(device))
-    os.makedirs(report.path, exist_ok=True)
-    models = [("merged", merged)] + [(f"source-{i}", s) for i, s in enumerate(sources)]
+    names = parent_names([s.metadata.get("uri", "") for s in sources])
+    parents = list(zip(names, sources, strict=True))
     if base.metadata.get("uri"):
-        models.append(("base", base))
-    index = {}
-    for name, art in models:
+        parents.append(("base", base))
+    by_uri = {a.metadata.get("uri", "").rstrip("/"): n for n, a in parents}
+    experts = {}
+    for task, uri in (expert_tasks or {}).items():
+        if uri.rstrip("/") not in by_uri:
+            raise ConfigError(
+                f"expert_tasks: {task} -> {uri}, which is not one of the pipeline's source_uris"
+            )
+        experts[task] = by_uri[uri.rstrip("/")]
+
+    os.makedirs(report.path, exist_ok=True)
+    results = {}
+    for name, art in [("merged", merged), *parents]:
         res = evaluate(art.path, suite, device=dev, limit=limit or None, progress=False)
-        res["model"] = art.metadata.get("uri") or name
+        res["model"] = art.metadata.get("uri") or art.path
         write_metrics(res, os.path.join(report.path, f"{name}.json"))
-        index[name] = {"file": f"{name}.json", "uri": art.metadata.get("uri", ""), "sha256": art.metadata.get("sha256", "")}
-        if name == "merged":
-            for group in ("tasks", "general"):
-                for task, m in res.get(group, {}).items():
-                    metrics.log_metric(f"{task}.{m['metric']}", float(m["value"]))
-    with open(os.path.join(report.path, "index.json"), "w") as f:
-        json.dump(index, f, indent=2)
+        results[name] = res
+    for group in ("tasks", "general"):
+        for task, m in results["merged"].get(group, {}).items():
+            metrics.log_metric(f"{task}.{m['metric']}", float(m["value"]))
+    bundle = make_bundle(
+        results["merged"],
+        {n: results[n] for n, _ in parents},
+        experts,
+        model_dir=merged.path,
+        base="base",
+    )
+    with open(os.path.join(report.path, "bundle.json"), "w") as f:
+        json.dump(bundle, f, indent=2)
     report.metadata.update({"suite": suite, "sha256": artifact_digest(report.path)})

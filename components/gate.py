@@ -3,18 +3,18 @@
 from typing import NamedTuple
 
 from kfp import dsl
-from kfp.dsl import Artifact, Input, Output
+from kfp.dsl import Artifact, Input, Model, Output
 
 from components.common import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def validation_gate(report: Input[Artifact], policy: str, result: Output[Artifact]) -> NamedTuple(
-    "GateOutputs", passed=bool
-):
-    """Run ``seme.gates.run_gate`` on the evaluation report; ``passed`` drives the pipeline's branch.
+def validation_gate(
+    report: Input[Artifact], merged: Input[Model], policy: str, result: Output[Artifact]
+) -> NamedTuple("GateOutputs", passed=bool):
+    """Run ``seme.gates.run_gate`` on the evaluation report's ``bundle.json``; ``passed`` drives the branch.
 
-    ``policy`` is the policy YAML text (empty: the default policy). A failed gate is not a failed
+    ``policy`` is the policy YAML text (empty: the default policy); weight checks read ``merged``. A failed gate is not a failed
     step: the step succeeds with ``passed = False`` and the pipeline registers the version as failed.
     Metadata: ``passed``, ``sha256``.
     """
@@ -22,15 +22,16 @@ def validation_gate(report: Input[Artifact], policy: str, result: Output[Artifac
     import tempfile
     from collections import namedtuple
 
-    from seme.gates import run_gate
-
     from components.common import artifact_digest
+    from seme.gates import run_gate
 
     policy_path = None
     if policy.strip():
         fd, policy_path = tempfile.mkstemp(suffix=".yaml")
         with os.fdopen(fd, "w") as f:
             f.write(policy)
-    verdict = run_gate(report.path, policy_path, result.path)
+    verdict = run_gate(
+        os.path.join(report.path, "bundle.json"), policy_path, result.path, model_dir=merged.path
+    )
     result.metadata.update({"passed": bool(verdict.passed), "sha256": artifact_digest(result.path)})
     return namedtuple("GateOutputs", ["passed"])(bool(verdict.passed))

@@ -41,6 +41,10 @@ class ClusterOptions:
     gpu_toleration: str = "nvidia.com/gpu:Exists:NoSchedule"  # KEY:OPERATOR[:VALUE]:EFFECT
     config_map: str = CONFIG_MAP
     s3_secret: str = S3_SECRET
+    retries: int = 3
+    #: first retry delay of fetch/register (doubles each time); the local runner honours it too,
+    #: so ``seme pipeline run-local`` builds the pipeline with a short one
+    retry_backoff: str = "30s"
 
     def node_selector(self) -> tuple[str, str]:
         key, sep, value = self.gpu_node_selector.partition("=")
@@ -69,7 +73,10 @@ class ClusterOptions:
 
 def _resources(task: PipelineTask, cpu: str, memory: str, cpu_limit: str, memory_limit: str) -> PipelineTask:
     return (
-        task.set_cpu_request(cpu).set_memory_request(memory).set_cpu_limit(cpu_limit).set_memory_limit(memory_limit)
+        task.set_cpu_request(cpu)
+        .set_memory_request(memory)
+        .set_cpu_limit(cpu_limit)
+        .set_memory_limit(memory_limit)
     )
 
 
@@ -88,7 +95,10 @@ def _settings_env(task: PipelineTask, opts: ClusterOptions, s3: bool) -> Pipelin
         kubernetes.use_secret_as_env(
             task,
             secret_name=opts.s3_secret,
-            secret_key_to_env={"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"},
+            secret_key_to_env={
+                "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
+                "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
+            },
         )
     return task
 
@@ -107,6 +117,7 @@ def build_merge_pipeline(opts: ClusterOptions | None = None):
         base_uri: str = "",
         eval_suite: str = "zoo",
         eval_limit: int = 0,
+        expert_tasks: dict = {},  # noqa: B006 - a KFP parameter default, never mutated
         gate_policy: str = "",
         registered_model_name: str = "seme-merged",
         output_uri: str = "s3://seme-models/merged",
@@ -121,18 +132,24 @@ def build_merge_pipeline(opts: ClusterOptions | None = None):
             registered_model_name=registered_model_name,
             pipeline_run=run_id,
         ).set_display_name("record-status")
-        final.set_caching_options(False).set_retry(num_retries=3, backoff_duration="10s", backoff_factor=2)
+        final.set_caching_options(False).set_retry(
+            num_retries=opts.retries, backoff_duration=opts.retry_backoff, backoff_factor=2
+        )
         _resources(final, "100m", "512Mi", "1", "1Gi")
         _settings_env(final, opts, s3=False)
 
         with dsl.ExitHandler(final):
             with dsl.ParallelFor(source_uris) as uri:
                 src = fetch_checkpoint(uri=uri, s3_endpoint=s3_endpoint).set_display_name("fetch-source")
-                src.set_caching_options(False).set_retry(num_retries=3, backoff_duration="30s", backoff_factor=2)
+                src.set_caching_options(False).set_retry(
+                    num_retries=opts.retries, backoff_duration=opts.retry_backoff, backoff_factor=2
+                )
                 _resources(src, "500m", "1Gi", "2", "4Gi")
                 _settings_env(src, opts, s3=True)
             base = fetch_checkpoint(uri=base_uri, s3_endpoint=s3_endpoint).set_display_name("fetch-base")
-            base.set_caching_options(False).set_retry(num_retries=3, backoff_duration="30s", backoff_factor=2)
+            base.set_caching_options(False).set_retry(
+                num_retries=opts.retries, backoff_duration=opts.retry_backoff, backoff_factor=2
+            )
             _resources(base, "500m", "1Gi", "2", "4Gi")
             _settings_env(base, opts, s3=True)
 
@@ -169,12 +186,15 @@ def build_merge_pipeline(opts: ClusterOptions | None = None):
                 base=base.outputs["checkpoint"],
                 suite=eval_suite,
                 limit=eval_limit,
+                expert_tasks=expert_tasks,
                 device="cpu",
             ).set_display_name("evaluate")
             _resources(ev, "2", "8Gi", "8", "32Gi")
             _settings_env(ev, opts, s3=False)
 
-            gate = validation_gate(report=ev.outputs["report"], policy=gate_policy).set_display_name("gate")
+            gate = validation_gate(
+                report=ev.outputs["report"], merged=merged.outputs["merged"], policy=gate_policy
+            ).set_display_name("gate")
             _resources(gate, "500m", "1Gi", "2", "4Gi")
             _settings_env(gate, opts, s3=False)
 
@@ -188,14 +208,18 @@ def build_merge_pipeline(opts: ClusterOptions | None = None):
                 "mlflow_tracking_uri": mlflow_tracking_uri,
                 "pipeline_run": run_id,
             }
-            with dsl.If(gate.outputs["passed"] == True, name="gate-passed"):  # a KFP condition, not a Python test
+            with dsl.If(
+                gate.outputs["passed"] == True, name="gate-passed"
+            ):  # a KFP condition, not a Python test
                 reg = register_model(gate_passed=True, alias="pilot", **register_args)
                 reg.set_display_name("register-pilot")
             with dsl.Else(name="gate-failed"):
                 reg_failed = register_model(gate_passed=False, alias="", **register_args)
                 reg_failed.set_display_name("register-failed")
             for r in (reg, reg_failed):
-                r.set_caching_options(False).set_retry(num_retries=3, backoff_duration="10s", backoff_factor=2)
+                r.set_caching_options(False).set_retry(
+                    num_retries=opts.retries, backoff_duration=opts.retry_backoff, backoff_factor=2
+                )
                 _resources(r, "500m", "1Gi", "2", "4Gi")
                 _settings_env(r, opts, s3=False)
 

@@ -17,7 +17,9 @@ def build_promote_pipeline(opts: ClusterOptions | None = None):
     """The promote pipeline (a KFP ``GraphComponent``)."""
     opts = opts or ClusterOptions()
 
-    @dsl.pipeline(name=PIPELINE_NAME, description="Promote the pilot version of a merged model to production.")
+    @dsl.pipeline(
+        name=PIPELINE_NAME, description="Promote the pilot version of a merged model to production."
+    )
     def promote_pipeline(
         registered_model_name: str = "seme-merged",
         version: str = "",
@@ -31,7 +33,9 @@ def build_promote_pipeline(opts: ClusterOptions | None = None):
             to_alias=to_alias,
             mlflow_tracking_uri=mlflow_tracking_uri,
         ).set_display_name("promote")
-        task.set_caching_options(False).set_retry(num_retries=3, backoff_duration="10s", backoff_factor=2)
+        task.set_caching_options(False).set_retry(
+            num_retries=opts.retries, backoff_duration=opts.retry_backoff, backoff_factor=2
+        )
         _resources(task, "100m", "512Mi", "1", "1Gi")
         _settings_env(task, opts, s3=False)
 
