@@ -1,0 +1,178 @@
+"""SeMe Select/Compute/Erase through the real executor (seme.merge.run_merge) on tiny checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+from seme_helpers import logits, seme_config, tensors, transformed_copy
+
+from seme.config import load_config
+from seme.errors import AlignmentError
+from seme.merge import run_merge
+from seme.seme_merge import erase_ties
+
+
+def _merge(cfg: dict, out, **kw):
+    return run_merge(load_config(cfg), out, progress=False, **kw)
+
+
+@pytest.mark.parametrize("family,rotate", [("llama", True), ("gemma2", False)])
+def test_merging_a_transformed_copy_preserves_logits_and_linear_does_not(tiny_model, tmp_path, family, rotate):
+    src = tiny_model("orig", family=family)
+    copy = tmp_path / "copy"
+    transformed_copy(src, copy, rotate=rotate)
+    ref = logits(src)
+    res = _merge(seme_config([src, copy]), tmp_path / "seme")
+    seme_err = float((logits(tmp_path / "seme") - ref).abs().max())
+    assert seme_err < 1e-2
+    assert res.manifest["seme"]["rotation"]["applied"] is rotate
+    lin = {"merge_method": "linear", "models": [{"model": str(src), "parameters": {"weight": 0.5}},
+                                                {"model": str(copy), "parameters": {"weight": 0.5}}]}
+    _merge(lin, tmp_path / "linear")
+    lin_err = float((logits(tmp_path / "linear") - ref).abs().max())
+    assert lin_err > 0.3 and lin_err > 50 * seme_err
+    assert (tmp_path / "seme" / "seme_alignment" / "alignment.json").is_file()
+
+
+def test_erase_none_is_the_weighted_sum_of_task_vectors(tiny_model, perturbed, tmp_path):
+    base = tiny_model("base")
+    a, c = perturbed(base, "a", 0.02, 1), perturbed(base, "c", 0.02, 2)
+    cfg = seme_config([a, c], base, erase="none", select_ratio=0.0, scale=1.0)
+    cfg["models"][0]["parameters"] = {"weight": 0.7}
+    cfg["models"][1]["parameters"] = {"weight": 0.4}
+    res = _merge(cfg, tmp_path / "out")
+    assert res.manifest["seme"]["rotation"]["applied"] is False
+    tb, ta, tc, out = tensors(base), tensors(a), tensors(c), tensors(tmp_path / "out")
+    for n, t0 in tb.items():
+        want = t0 + 0.7 * (ta[n] - t0) + 0.4 * (tc[n] - t0)
+        assert torch.allclose(out[n], want, atol=1e-6, rtol=0), n
+
+
+def test_ties_erase_differs_from_plain_sum_and_select_drops_unchanged_sources(tiny_model, perturbed, tmp_path):
+    base = tiny_model("base")
+    a, c = perturbed(base, "a", 0.02, 1), perturbed(base, "c", 0.02, 2)
+    res = _merge(seme_config([a, c, base], base), tmp_path / "ties")
+    _merge(seme_config([a, c, base], base, erase="none"), tmp_path / "none")
+    t_ties, t_none, tb = tensors(tmp_path / "ties"), tensors(tmp_path / "none"), tensors(base)
+    n = "model.layers.0.mlp.down_proj.weight"
+    assert (t_ties[n] - t_none[n]).abs().max() > 1e-4
+    # TIES keeps the update at the scale of one source, the plain sum doubles it
+    assert (t_ties[n] - tb[n]).norm() < (t_none[n] - tb[n]).norm()
+    sel = res.manifest["seme"]["selected_modules_per_source"]
+    assert sel[0] == sel[1] == res.manifest["seme"]["layer_modules"] and sel[2] == 0
+    for mode in ("overlap", "cap"):
+        _merge(seme_config([a, c], base, compute=mode, erase="none"), tmp_path / mode)
+    t_cap = tensors(tmp_path / "cap")
+    assert (t_cap[n] - tb[n]).norm() < (t_none[n] - tb[n]).norm()
+    assert all(torch.isfinite(v).all() for v in tensors(tmp_path / "overlap").values())
+
+
+def test_merge_of_identical_models_and_single_source(tiny_model, perturbed, tmp_path):
+    m = tiny_model("m")
+    _merge(seme_config([m, m]), tmp_path / "mm")
+    tm, tmm = tensors(m), tensors(tmp_path / "mm")
+    assert all(torch.equal(tm[n], tmm[n]) for n in tm)
+    base = tiny_model("base", seed=3)
+    a = perturbed(base, "a", 0.05, 1)
+    _merge(seme_config([a], base, scale=1.0), tmp_path / "single")
+    ta, ts = tensors(a), tensors(tmp_path / "single")
+    assert all(torch.allclose(ta[n], ts[n], atol=1e-6, rtol=0) for n in ta)
+
+
+def test_erase_ties_matches_a_reference_implementation():
+    g = torch.Generator().manual_seed(0)
+    K, d, n, T = 3, 16, 40, 64
+    X = torch.randn(K, d, n, generator=g, dtype=torch.float64)
+    S = torch.randn(T, d, generator=g, dtype=torch.float64)
+    S = S / S.norm(dim=1, keepdim=True)
+    P = torch.linalg.solve(S.T @ S, S.T)
+    assert torch.allclose(P @ S, torch.eye(d, dtype=torch.float64), atol=1e-10)
+    got = erase_ties(X, S, P, density=0.5, block=7)
+    want = torch.empty(d, n, dtype=torch.float64)
+    for j in range(n):
+        cs = []
+        for k in range(K):
+            c = S @ X[k, :, j]
+            top = c.abs().sort(descending=True).indices[: math.ceil(0.5 * T)]
+            trimmed = torch.zeros_like(c)
+            trimmed[top] = c[top]
+            cs.append(trimmed)
+        C = torch.stack(cs)
+        s = torch.sign(C.sum(0))
+        keep = (torch.sign(C) == s) & (C != 0)
+        mean = (C * keep).sum(0) / keep.sum(0).clamp_min(1)
+        want[:, j] = P @ mean
+    assert torch.allclose(got, want, atol=1e-10)
+    # density 1 and one source: TIES is the identity on the task vector
+    assert torch.allclose(erase_ties(X[:1], S, P, density=1.0), X[0], atol=1e-10)
+
+
+def test_saved_alignment_is_reused_and_checked(tiny_model, tmp_path):
+    from seme.alignment import align
+
+    src = tiny_model("orig")
+    copy = tmp_path / "copy"
+    transformed_copy(src, copy)
+    cfg = seme_config([src, copy])
+    art = align(load_config(cfg), tmp_path / "art")
+    _merge(cfg, tmp_path / "with_art", alignment=art)
+    _merge(cfg, tmp_path / "inline")
+    t1, t2 = tensors(tmp_path / "with_art"), tensors(tmp_path / "inline")
+    assert all(torch.equal(t1[n], t2[n]) for n in t1)
+    other = tiny_model("other", seed=5)
+    with pytest.raises(AlignmentError, match="re-run seme align"):
+        _merge(seme_config([src, other]), tmp_path / "bad", alignment=art)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_data_free_no_tokenizer_no_dataset(tiny_model, perturbed, tmp_path):
+    base = tiny_model("base")
+    a, c = perturbed(base, "a", 0.02, 1), perturbed(base, "c", 0.02, 2)
+    for d in (base, a, c):
+        for f in d.iterdir():
+            if f.name.startswith(("tokenizer", "vocab", "merges", "special_tokens", "added_tokens")):
+                f.unlink()
+    opened: list[str] = []
+    imported: list[str] = []
+    active = [True]
+
+    def hook(event, args):
+        if not active[0]:
+            return
+        if event == "open" and isinstance(args[0], str):
+            opened.append(args[0])
+        elif event == "import":
+            imported.append(str(args[0]))
+
+    sys.addaudithook(hook)
+    try:
+        from seme.alignment import align
+
+        cfg = seme_config([a, c], base)
+        align(load_config(cfg), tmp_path / "art")
+        _merge(cfg, tmp_path / "out")
+    finally:
+        active[0] = False
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    names = [p.rsplit("/", 1)[-1] for p in opened]
+    assert not [n for n in names if n.startswith(("tokenizer", "vocab", "merges"))]
+    assert not [p for p in opened if "dataset" in p.lower() or p.endswith((".arrow", ".parquet", ".jsonl"))]
+    assert not [m for m in imported if m.split(".")[0] == "datasets"]
+
+
+def test_data_free_diagnostics(tiny_model, perturbed, tmp_path):
+    from seme.diagnostics import data_free_report, format_report
+
+    m = tiny_model("m")
+    far = tiny_model("far", seed=9)
+    rep = data_free_report(m, [m, far])
+    assert len(rep["layers"]) == 2 and rep["probes"] > 0
+    assert abs(rep["mean_kl"][0]) < 1e-6  # a model against itself
+    assert rep["mean_kl"][1] > 1e-3  # an unrelated model
+    text = format_report(rep)
+    assert "mean" in text and "KL(src1" in text
+    json.dumps(rep)
