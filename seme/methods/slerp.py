@@ -19,22 +19,32 @@ from seme.methods._params import as_float, non_base
 
 DOT_THRESHOLD = 0.9995
 NORM_EPS = 1e-8
+CHUNK = 1 << 20  # entries per chunk of float32 scratch
 
 
 def slerp_tensors(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Spherical interpolation from ``a`` (t = 0) to ``b`` (t = 1), in the dtype of ``a``."""
+    """Spherical interpolation from ``a`` (t = 0) to ``b`` (t = 1), in the dtype of ``a``.
+
+    Works through the flattened tensors in chunks of ``CHUNK`` entries, so the float32 scratch
+    stays small for large half-precision tensors; norms and dot are summed per chunk in the same
+    order as mergekit, which makes the coefficients (ill-conditioned near collinearity) agree.
+    """
     dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
-    x = a.reshape(-1).to(dtype)
-    y = b.reshape(-1).to(dtype)
-    tt = torch.tensor(t, dtype=dtype, device=x.device)
+    x, y = a.reshape(-1), b.reshape(-1)
     if x.numel() == 0:
         return a.clone()
-    na = torch.linalg.vector_norm(x)
-    nb = torch.linalg.vector_norm(y)
-    na = torch.where(na > NORM_EPS, na, 1)
-    nb = torch.where(nb > NORM_EPS, nb, 1)
+    tt = torch.tensor(t, dtype=dtype, device=x.device)
+    spans = [(i, min(i + CHUNK, x.numel())) for i in range(0, x.numel(), CHUNK)]
+
+    def norm(v: torch.Tensor) -> torch.Tensor:
+        parts = torch.stack([torch.linalg.vector_norm(v[i:j].to(dtype)) for i, j in spans])
+        n = torch.linalg.vector_norm(parts)
+        return torch.where(n > NORM_EPS, n, 1)
+
+    na, nb = norm(x), norm(y)
     # normalise before multiplying so the dot cannot overflow
-    dot = torch.dot(x / na, y / nb).clamp(-1, 1)
+    dot = torch.stack([((x[i:j].to(dtype) / na) * (y[i:j].to(dtype) / nb)).sum() for i, j in spans])
+    dot = dot.sum().clamp(-1, 1)
     if dot.abs() > DOT_THRESHOLD:
         ca, cb = 1 - tt, tt
     else:
@@ -42,10 +52,10 @@ def slerp_tensors(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         sin_theta = torch.sin(theta)
         ca = torch.sin((1 - tt) * theta) / sin_theta
         cb = torch.sin(tt * theta) / sin_theta
-    # scale in place where .to() already made a private copy; never write into the inputs
-    out = x.mul_(ca) if x.data_ptr() != a.data_ptr() else x * ca
-    out.add_(y.mul_(cb) if y.data_ptr() != b.data_ptr() else y * cb)
-    return out.view(a.shape).to(a.dtype)
+    out = torch.empty_like(x)
+    for i, j in spans:
+        out[i:j] = ca * x[i:j].to(dtype) + cb * y[i:j].to(dtype)
+    return out.view(a.shape)
 
 
 def slerp(
