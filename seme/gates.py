@@ -1,0 +1,558 @@
+"""Validation gate: a policy YAML turned into a Great Expectations (Core 1.x) suite over the metrics.
+
+Input is a *metrics bundle* (JSON, see ``seme/policies/default_gate.yaml`` for the full shape):
+``{"merged": <metrics>, "parents": {"base": <metrics>, "<expert>": <metrics>}, "experts": {"<task>":
+"<expert>"}, "model_dir": "..."}``, each ``<metrics>`` being the JSON of ``seme eval``.
+
+The bundle becomes a table with one row per check (an expert's task, a general metric, or a task
+the merged model reports without a specialist); the policy becomes expectations on that table:
+
+- every expected task is present (``expect_column_distinct_values_to_contain_set``),
+- on each expert's task, merged / expert >= r (or <= 1/r for lower-is-better metrics),
+- each general metric, merged / base <= 1 + p (lower is better) or >= 1 - d (higher is better),
+- every value used is present and finite (``expect_column_values_to_not_be_null`` / ``_be_between``),
+- optionally, weight checks on the merged checkpoint (a second table: one row per tensor).
+
+Each expectation carries a ``meta.check`` id and a human sentence, so the Markdown summary can name
+every failed expectation with the numbers behind it. The GX validation results are kept verbatim
+(non-finite numbers as strings) in ``gate_result.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from seme.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_POLICY = Path(__file__).parent / "policies" / "default_gate.yaml"
+RESULT_FILE = "gate_result.json"
+SUMMARY_FILE = "gate_summary.md"
+_BIG = 1e300  # "finite" bound: GX between() with ±1e300 rejects ±inf
+
+
+@dataclass
+class GateResult:
+    """The verdict, each check (id, passed, sentence), the GX results and where they were written."""
+
+    passed: bool
+    checks: list[dict[str, Any]]
+    gx: list[dict[str, Any]]
+    policy: dict[str, Any]
+    summary: str
+    result_path: Path | None = None
+    summary_path: Path | None = None
+    failures: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "verdict": "passed" if self.passed else "failed",
+            "failures": self.failures,
+            "checks": self.checks,
+            "policy": self.policy,
+            "great_expectations": self.gx,
+        }
+
+
+# ------------------------------------------------------------------------------------------------
+# Policy and bundle
+# ------------------------------------------------------------------------------------------------
+
+
+def load_policy(path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Read and validate a gate policy (default: ``seme/policies/default_gate.yaml``)."""
+    import yaml
+
+    p = Path(path) if path is not None else DEFAULT_POLICY
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read gate policy {p}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"gate policy {p} is not valid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"gate policy {p}: expected a mapping at the top level")
+    known = {
+        "version",
+        "tasks",
+        "expert_retention",
+        "general",
+        "lower_is_better",
+        "require_finite",
+        "weights",
+    }
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(
+            f"gate policy {p}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})"
+        )
+    er = raw.get("expert_retention") or {}
+    pol = {
+        "version": raw.get("version", 1),
+        "tasks": [str(t) for t in (raw.get("tasks") or [])],
+        "min_ratio": _num(
+            er.get("min_ratio", 0.9), p, "expert_retention.min_ratio", lo=0.0, hi=1.0, lo_open=True
+        ),
+        "per_task": {
+            str(k): _num(v, p, f"expert_retention.per_task.{k}", lo=0.0, hi=1.0, lo_open=True)
+            for k, v in (er.get("per_task") or {}).items()
+        },
+        "general": {},
+        "lower_is_better": [str(m).lower() for m in (raw.get("lower_is_better") or [])],
+        "require_finite": bool(raw.get("require_finite", True)),
+        "weights": {"finite": False, "max_abs": None},
+    }
+    for name, spec in (raw.get("general") or {}).items():
+        spec = spec or {}
+        if not isinstance(spec, dict) or not ({"max_increase", "max_decrease"} & set(spec)):
+            raise ConfigError(f"gate policy {p}: general.{name} needs max_increase (or max_decrease)")
+        g: dict[str, Any] = {"required": bool(spec.get("required", True))}
+        if "max_increase" in spec:
+            g["max_increase"] = _num(spec["max_increase"], p, f"general.{name}.max_increase", lo=0.0)
+        if "max_decrease" in spec:
+            g["max_decrease"] = _num(spec["max_decrease"], p, f"general.{name}.max_decrease", lo=0.0, hi=1.0)
+        pol["general"][str(name)] = g
+    w = raw.get("weights") or {}
+    unknown_w = sorted(set(w) - {"finite", "max_abs"})
+    if unknown_w:
+        raise ConfigError(
+            f"gate policy {p}: unknown weight check(s) {', '.join(unknown_w)} (known: finite, max_abs)"
+        )
+    pol["weights"]["finite"] = bool(w.get("finite", False))
+    if w.get("max_abs") is not None:
+        pol["weights"]["max_abs"] = _num(w["max_abs"], p, "weights.max_abs", lo=0.0, lo_open=True)
+    pol["source"] = str(p)
+    pol["sha256"] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return pol
+
+
+def _num(
+    v: Any, p: Path, key: str, lo: float | None = None, hi: float | None = None, lo_open: bool = False
+) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        raise ConfigError(f"gate policy {p}: {key} must be a number, got {v!r}")
+    if (lo is not None and (v < lo or (lo_open and v == lo))) or (hi is not None and v > hi):
+        rng = f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}]"
+        raise ConfigError(f"gate policy {p}: {key} = {v} is outside {rng}")
+    return float(v)
+
+
+def load_bundle(path_or_dict: str | os.PathLike | dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """Read and check the shape of a metrics bundle; returns (bundle, where) for messages."""
+    if isinstance(path_or_dict, dict):
+        b, where = path_or_dict, "metrics bundle"
+    else:
+        where = str(path_or_dict)
+        try:
+            b = json.loads(Path(path_or_dict).read_text())
+        except OSError as e:
+            raise ConfigError(f"cannot read metrics bundle {where}: {e.strerror}") from None
+        except ValueError as e:
+            raise ConfigError(f"metrics bundle {where} is not valid JSON: {e}") from None
+    if not isinstance(b, dict) or not isinstance(b.get("merged"), dict):
+        raise ConfigError(
+            f"metrics bundle {where}: needs a 'merged' metrics object (see seme/policies/default_gate.yaml)"
+        )
+    parents = b.get("parents") or {}
+    experts = b.get("experts") or {}
+    if not isinstance(parents, dict) or not all(isinstance(v, dict) for v in parents.values()):
+        raise ConfigError(f"metrics bundle {where}: 'parents' must map a name to a metrics object")
+    if not isinstance(experts, dict):
+        raise ConfigError(f"metrics bundle {where}: 'experts' must map a task to an expert name")
+    for task, name in experts.items():
+        if name not in parents:
+            raise ConfigError(
+                f"metrics bundle {where}: expert {name!r} of task {task!r} has no metrics in 'parents'"
+            )
+    for name, m in [("merged", b["merged"]), *parents.items()]:
+        if not isinstance(m.get("tasks", {}), dict) or not isinstance(m.get("general", {}), dict):
+            raise ConfigError(
+                f"metrics bundle {where}: metrics of {name!r} need 'tasks' and 'general' objects"
+            )
+    return b, where
+
+
+def make_bundle(
+    merged: dict[str, Any],
+    parents: dict[str, dict[str, Any]],
+    experts: dict[str, str],
+    model_dir: str | None = None,
+    base: str = "base",
+) -> dict[str, Any]:
+    """Assemble a metrics bundle from metrics dicts (what the pipeline's gate step writes)."""
+    b: dict[str, Any] = {"merged": merged, "parents": parents, "experts": experts, "base": base}
+    if model_dir:
+        b["model_dir"] = str(model_dir)
+    return b
+
+
+def _value(entry: Any) -> float:
+    """A metric value from ``{"value": x}`` or a bare number; NaN when missing or not a number."""
+    v = entry.get("value") if isinstance(entry, dict) else entry
+    if isinstance(v, bool) or not isinstance(v, int | float | str):
+        return math.nan
+    try:
+        return float(v)  # "NaN"/"inf" strings from JSON writers that avoid bare NaN
+    except ValueError:
+        return math.nan
+
+
+def _metric_name(entry: Any, default: str) -> str:
+    return str(entry.get("metric", default)) if isinstance(entry, dict) else default
+
+
+def _general_entries(m: dict[str, Any], key: str) -> dict[str, Any]:
+    """General entries matched by policy key ``key``: by entry name, or by its ``metric`` field."""
+    gen = m.get("general") or {}
+    if key in gen:
+        return {key: gen[key]}
+    return {n: e for n, e in gen.items() if _metric_name(e, n).lower() == key.lower()}
+
+
+# ------------------------------------------------------------------------------------------------
+# Tables
+# ------------------------------------------------------------------------------------------------
+
+
+def build_table(bundle: dict[str, Any], policy: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per check: kind (expert | general | info), task, metric, merged, reference, ratio, bounds."""
+    merged = bundle["merged"]
+    parents = bundle.get("parents") or {}
+    experts = bundle.get("experts") or {}
+    base_name = bundle.get("base", "base")
+    base = parents.get(base_name)
+    lower = set(policy["lower_is_better"])
+    rows: list[dict[str, Any]] = []
+
+    def row(
+        kind: str, check: str, task: str, metric: str, m: float, ref: float, ref_model: str, lo: Any, hi: Any
+    ):
+        if math.isnan(m) or math.isnan(ref):
+            ratio = math.nan  # fails the not-null checks, which name the missing value
+        elif ref == 0.0:
+            ratio = 1.0 if m == 0.0 else math.copysign(math.inf, m)
+        else:
+            ratio = m / ref
+        rows.append(
+            {"check": check, "kind": kind, "task": task, "metric": metric, "higher_is_better": metric.lower() not in lower,
+             "merged": m, "reference": ref, "reference_model": ref_model, "ratio": ratio, "min_ratio": lo, "max_ratio": hi}
+        )  # fmt: skip
+
+    tasks = merged.get("tasks") or {}
+    for task in sorted(tasks):
+        entry = tasks[task]
+        metric = _metric_name(entry, "value")
+        if task in experts:
+            name = experts[task]
+            ref = _value((parents[name].get("tasks") or {}).get(task))
+            r = policy["per_task"].get(task, policy["min_ratio"])
+            lo, hi = (r, None) if metric.lower() not in lower else (None, 1.0 / r)
+            row("expert", f"expert:{task}", task, metric, _value(entry), ref, name, lo, hi)
+        else:
+            ref = _value((base.get("tasks") or {}).get(task)) if base else math.nan
+            row(
+                "info",
+                f"info:{task}",
+                task,
+                metric,
+                _value(entry),
+                ref,
+                base_name if base else "",
+                None,
+                None,
+            )
+    for key, g in sorted(policy["general"].items()):
+        found = _general_entries(merged, key)
+        if not found and g["required"]:  # a row that fails the not-null check, named after the key
+            row("general", f"general:{key}", f"general:{key}", key, math.nan, math.nan, base_name, None, None)
+        for name, entry in sorted(found.items()):
+            metric = _metric_name(entry, name)
+            ref_entry = (base.get("general") or {}).get(name) if base else None
+            ref = _value(ref_entry)
+            if metric.lower() in lower:
+                lo, hi = None, 1.0 + g.get("max_increase", 0.0)
+            else:
+                lo, hi = 1.0 - g.get("max_decrease", 0.0), None
+            row(
+                "general", f"general:{name}", f"general:{name}", metric, _value(entry), ref, base_name, lo, hi
+            )
+    return rows
+
+
+def weight_table(model_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """One row per tensor of the merged checkpoint: non-finite count and max |w| (streamed, one at a time)."""
+    import torch
+
+    from seme.checkpoint import open_checkpoint
+
+    ck = open_checkpoint(str(model_dir))
+    rows = []
+    try:
+        for name in ck.names:
+            t = ck.get(name)
+            if t.is_floating_point():
+                finite = torch.isfinite(t)
+                bad = int((~finite).sum())
+                mx = float(t[finite].abs().max()) if bool(finite.any()) else math.nan
+            else:
+                bad, mx = 0, float(t.abs().max()) if t.numel() else 0.0
+            rows.append({"tensor": name, "file": ck.file_of(name).name, "nonfinite": bad, "max_abs": mx})
+            del t
+    finally:
+        ck.close()
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# Great Expectations
+# ------------------------------------------------------------------------------------------------
+
+
+def _fmt(x: Any) -> str:
+    if isinstance(x, float):
+        return f"{x:.4g}" if math.isfinite(x) else str(x)
+    return str(x)
+
+
+def build_expectations(
+    rows: list[dict[str, Any]], policy: dict[str, Any], bundle: dict[str, Any]
+) -> list[tuple[str, str, Any]]:
+    """(check id, sentence, GX expectation) for the metrics table."""
+    import great_expectations.expectations as gxe
+    from great_expectations.expectations.row_conditions import Column
+
+    out: list[tuple[str, str, Any]] = []
+    expected = sorted(set(policy["tasks"]) | set(bundle.get("experts") or {}))
+    for task in expected:
+        out.append(
+            (f"present:{task}", f"the merged model reports task '{task}'",
+             gxe.ExpectColumnDistinctValuesToContainSet(column="task", value_set=[task]))
+        )  # fmt: skip
+    for r in rows:
+        if r["kind"] == "info":
+            continue
+        cond = Column("check") == r["check"]
+        if r["kind"] == "expert":
+            what = f"merged {r['metric']} on '{r['task']}' vs expert '{r['reference_model']}'"
+        else:
+            what = f"merged general {r['metric']} ({r['task'].split(':', 1)[1]}) vs base '{r['reference_model']}'"
+        if r["min_ratio"] is not None:
+            sent = f"{what}: ratio >= {_fmt(r['min_ratio'])}"
+            e = gxe.ExpectColumnValuesToBeBetween(
+                column="ratio", min_value=r["min_ratio"], row_condition=cond
+            )
+        elif r["max_ratio"] is not None:
+            sent = f"{what}: ratio <= {_fmt(r['max_ratio'])}"
+            e = gxe.ExpectColumnValuesToBeBetween(
+                column="ratio", max_value=r["max_ratio"], row_condition=cond
+            )
+        else:
+            continue
+        out.append((r["check"], sent, e))
+    checked = Column("kind") != "info"
+    for col in ("merged", "reference"):  # a check without its numbers cannot pass
+        out.append(
+            (f"not_null:{col}", f"no missing {col} value in any check",
+             gxe.ExpectColumnValuesToNotBeNull(column=col, row_condition=checked))
+        )  # fmt: skip
+        if policy["require_finite"]:
+            out.append(
+                (f"finite:{col}", f"no infinite {col} value in any check",
+                 gxe.ExpectColumnValuesToBeBetween(column=col, min_value=-_BIG, max_value=_BIG, row_condition=checked))
+            )  # fmt: skip
+    return out
+
+
+def weight_expectations(policy: dict[str, Any]) -> list[tuple[str, str, Any]]:
+    import great_expectations.expectations as gxe
+
+    out: list[tuple[str, str, Any]] = []
+    if policy["weights"]["finite"]:
+        out.append(("weights:finite", "no NaN/Inf in any tensor of the merged checkpoint",
+                    gxe.ExpectColumnValuesToBeBetween(column="nonfinite", max_value=0)))  # fmt: skip
+    if policy["weights"]["max_abs"] is not None:
+        m = policy["weights"]["max_abs"]
+        out.append(("weights:max_abs", f"every tensor has max |w| <= {_fmt(m)}",
+                    gxe.ExpectColumnValuesToBeBetween(column="max_abs", max_value=m)))  # fmt: skip
+        out.append(("weights:max_abs_defined", "every tensor has at least one finite value",
+                    gxe.ExpectColumnValuesToNotBeNull(column="max_abs")))  # fmt: skip
+    return out
+
+
+def _validate(ctx: Any, name: str, rows: list[dict[str, Any]], exps: list[tuple[str, str, Any]], index: str):
+    """Run one suite over one DataFrame; returns the GX result (CheckpointResult-free, plain validation)."""
+    import great_expectations as gx
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    asset = ctx.data_sources.add_pandas(f"seme_{name}").add_dataframe_asset(name)
+    batch = asset.add_batch_definition_whole_dataframe("all")
+    suite = ctx.suites.add(gx.ExpectationSuite(name=f"seme_gate_{name}"))
+    for check, sentence, e in exps:
+        e.meta = {"check": check, "description": sentence}
+        suite.add_expectation(e)
+    vd = ctx.validation_definitions.add(
+        gx.ValidationDefinition(name=f"seme_gate_{name}", data=batch, suite=suite)
+    )
+    return vd.run(
+        batch_parameters={"dataframe": df},
+        result_format={"result_format": "COMPLETE", "unexpected_index_column_names": [index]},
+    )
+
+
+def _gx_context() -> Any:
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")  # no network calls from the gate
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    ctx = gx.get_context(mode="ephemeral")
+    ctx.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
+    return ctx
+
+
+def _jsonable(x: Any) -> Any:
+    """Strict JSON: non-finite floats become strings ('NaN', 'Infinity')."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return "NaN" if math.isnan(x) else ("Infinity" if x > 0 else "-Infinity")
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def _explain(check: str, rows_by_check: dict[str, dict[str, Any]], res: dict[str, Any], tensors: bool) -> str:
+    """The numbers behind a failed expectation, in words."""
+    r = rows_by_check.get(check)
+    if check.startswith("present:"):
+        reported = sorted(x["task"] for x in rows_by_check.values() if x["kind"] != "general")
+        return f"task missing from the merged metrics (reported: {', '.join(reported) or 'none'})"
+    if r is not None:
+        return (f"merged {_fmt(r['merged'])}, {r['reference_model'] or 'reference'} {_fmt(r['reference'])}, "
+                f"ratio {_fmt(r['ratio'])}")  # fmt: skip
+    idx = res.get("unexpected_index_list") or res.get("partial_unexpected_index_list") or []
+    names = [i.get("tensor" if tensors else "check") if isinstance(i, dict) else str(i) for i in idx]
+    vals = res.get("partial_unexpected_list") or []
+    if names:
+        shown = ", ".join(f"{n} ({_fmt(v)})" for n, v in zip(names[:8], vals[:8], strict=False))
+        more = f" and {len(names) - 8} more" if len(names) > 8 else ""
+        return f"offending {'tensors' if tensors else 'checks'}: {shown}{more}"
+    return f"{res.get('unexpected_count', '?')} unexpected value(s)"
+
+
+def run_gate(
+    bundle_path: str | os.PathLike | dict[str, Any],
+    policy_path: str | os.PathLike | None = None,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    model_dir: str | os.PathLike | None = None,
+) -> GateResult:
+    """Validate a metrics bundle against a policy; write ``gate_result.json`` and ``gate_summary.md``."""
+    policy = load_policy(policy_path)
+    bundle, where = load_bundle(bundle_path)
+    rows = build_table(bundle, policy)
+    ctx = _gx_context()
+    results = [
+        ("metrics", _validate(ctx, "metrics", rows, build_expectations(rows, policy, bundle), "check"))
+    ]
+
+    wexps = weight_expectations(policy)
+    if wexps:
+        md = model_dir or bundle.get("model_dir")
+        if not md:
+            raise ConfigError(
+                f"gate policy {policy['source']} asks for weight checks but {where} has no 'model_dir' (or pass --model-dir)"
+            )
+        wrows = weight_table(md)
+        results.append(("weights", _validate(ctx, "weights", wrows, wexps, "tensor")))
+
+    rows_by_check = {r["check"]: r for r in rows}
+    checks: list[dict[str, Any]] = []
+    gx_json: list[dict[str, Any]] = []
+    for name, res in results:
+        gx_json.append(_jsonable(res.to_json_dict()))
+        for er in res.results:
+            meta = er.expectation_config.meta or {}
+            check = meta.get("check", er.expectation_config.type)
+            ok = bool(er.success)
+            item = {
+                "check": check,
+                "suite": f"seme_gate_{name}",
+                "expectation": er.expectation_config.type,
+                "description": meta.get("description", ""),
+                "passed": ok,
+            }
+            if not ok:
+                item["detail"] = _explain(check, rows_by_check, er.result or {}, tensors=name == "weights")
+                if er.exception_info and er.exception_info.get("raised_exception"):
+                    item["detail"] = f"expectation raised: {er.exception_info.get('exception_message')}"
+            checks.append(item)
+    failures = [f"{c['check']}: {c['description']} — {c['detail']}" for c in checks if not c["passed"]]
+    passed = not failures and all(bool(res.success) for _, res in results)
+    summary = _summary(passed, checks, rows, policy, where)
+    gate = GateResult(passed, checks, gx_json, policy, summary, failures=failures)
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        doc = {**gate.to_dict(), "table": _jsonable(rows), "bundle": where}
+        gate.result_path = _write_atomic(
+            out / RESULT_FILE, json.dumps(_jsonable(doc), indent=2, allow_nan=False) + "\n"
+        )
+        gate.summary_path = _write_atomic(out / SUMMARY_FILE, summary)
+    log.info("gate %s (%d checks, %d failed)", "passed" if passed else "failed", len(checks), len(failures))
+    return gate
+
+
+def _write_atomic(path: Path, text: str) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
+
+
+def _summary(
+    passed: bool, checks: list[dict[str, Any]], rows: list[dict[str, Any]], policy: dict, where: str
+) -> str:
+    n_fail = sum(not c["passed"] for c in checks)
+    lines = [
+        f"# Validation gate: {'PASSED' if passed else 'FAILED'}",
+        "",
+        (
+            f"{len(checks) - n_fail} of {len(checks)} expectations passed. Metrics: `{where}`; "
+            f"policy: `{policy['source']}` (sha256 {policy['sha256'][:12]})."
+        ),
+        "",
+    ]
+    if n_fail:
+        lines += ["## Failed expectations", ""]
+        for c in checks:
+            if not c["passed"]:
+                lines.append(f"- **{c['check']}** (`{c['expectation']}`): {c['description']} — {c['detail']}")
+        lines.append("")
+    lines += [
+        "## Metrics checked",
+        "",
+        "| check | metric | merged | reference | ratio | bound |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        bound = (f">= {_fmt(r['min_ratio'])}" if r["min_ratio"] is not None
+                 else f"<= {_fmt(r['max_ratio'])}" if r["max_ratio"] is not None else "(info)")  # fmt: skip
+        ref = (
+            f"{_fmt(r['reference'])} ({r['reference_model']})"
+            if r["reference_model"]
+            else _fmt(r["reference"])
+        )
+        lines.append(
+            f"| {r['check']} | {r['metric']} | {_fmt(r['merged'])} | {ref} | {_fmt(r['ratio'])} | {bound} |"
+        )
+    return "\n".join(lines) + "\n"
