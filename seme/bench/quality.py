@@ -1,0 +1,433 @@
+"""``seme bench quality``: merge the zoo's experts with every method, evaluate everything, report.
+
+For each method (and a scale sweep where the method has a scale) the experts are merged with
+``seme.merge.run_merge``; mergekit 0.1.5's ``ties`` and ``task_arithmetic`` run on the same experts
+through ``mergekit-yaml`` as an outside reference. The base, every expert and every merged model are
+evaluated with the zoo's suite. Reports: ``quality.json``, ``quality.md`` (per task raw score and
+normalized = merged / expert), ``quality.png`` (task retention vs general perplexity, Pareto front).
+A method that fails is reported as failed, with its error, never dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+EVAL_CACHE_VERSION = 1
+
+
+@dataclass
+class Variant:
+    """One merge to run: a label, a method family and its config (seme or mergekit)."""
+
+    label: str
+    family: str
+    method: str
+    params: dict[str, Any]
+    model_params: dict[str, Any] = field(default_factory=dict)
+    scale: float | None = None
+    engine: str = "seme"          # seme | mergekit
+    uses_base: bool = True
+
+
+def variants(full: bool) -> list[Variant]:
+    """The benchmark grid: every method, SeMe ablations (seme-method.md §9), scale sweeps."""
+    sweep = (0.5, 0.7, 1.0) if full else (1.0,)
+    v: list[Variant] = [Variant("linear", "linear", "linear", {"normalize": True}, {"weight": 1.0},
+                                uses_base=False)]
+    for s in (0.3, 0.5, 0.7, 1.0) if full else (0.5,):
+        v.append(Variant(f"task_arithmetic@{s}", "task_arithmetic", "task_arithmetic", {"lambda": s},
+                         {"weight": 1.0}, s))
+    for s in sweep:
+        v.append(Variant(f"ties@{s}", "ties", "ties", {"lambda": s}, {"weight": 1.0, "density": 0.5}, s))
+    for s in sweep if full else ():
+        v.append(Variant(f"dare_ties@{s}", "dare_ties", "dare_ties", {"lambda": s},
+                         {"weight": 1.0, "density": 0.5}, s))
+    v.append(Variant("model_stock", "model_stock", "model_stock", {}, {}))
+    for s in sweep:
+        v.append(Variant(f"seme@{s}", "seme", "seme", {"scale": s}, {"weight": 1.0}, s))
+    if full:
+        v += [
+            Variant("seme_no_erase", "seme_no_erase", "seme", {"erase": "none"}, {"weight": 1.0}, 1.0),
+            Variant("seme_no_select", "seme_no_select", "seme", {"select_ratio": 0.0}, {"weight": 1.0}, 1.0),
+            Variant("seme_overlap", "seme_overlap", "seme", {"compute": "overlap"}, {"weight": 1.0}, 1.0),
+            Variant("seme_cap", "seme_cap", "seme", {"compute": "cap"}, {"weight": 1.0}, 1.0),
+        ]
+    v.append(Variant("mergekit_ties", "mergekit_ties", "ties", {"normalize": True},
+                     {"weight": 1.0, "density": 0.5}, 1.0, engine="mergekit"))
+    if full:
+        v.append(Variant("mergekit_task_arithmetic", "mergekit_task_arithmetic", "task_arithmetic", {},
+                         {"weight": 0.5}, 0.5, engine="mergekit"))
+    return v
+
+
+def merge_config(var: Variant, base: Path, experts: list[Path], out_dtype: str) -> dict[str, Any]:
+    """The mergekit-compatible config dict of one variant."""
+    cfg: dict[str, Any] = {
+        "merge_method": var.method,
+        "models": [{"model": str(e), "parameters": dict(var.model_params)} for e in experts],
+        "parameters": dict(var.params),
+        "dtype": "float32",
+        "out_dtype": out_dtype,
+        "seed": 0,
+        "tokenizer_source": "base",
+    }
+    if var.uses_base:
+        cfg["base_model"] = str(base)
+    else:
+        cfg["tokenizer_source"] = str(experts[0])
+    return cfg
+
+
+def _mergekit_exe() -> str | None:
+    cand = Path(sys.executable).with_name("mergekit-yaml")
+    return str(cand) if cand.exists() else shutil.which("mergekit-yaml")
+
+
+def run_variant(var: Variant, cfg: dict[str, Any], out: Path, device: str, progress: bool) -> dict[str, Any]:
+    """Merge one variant into ``out``; returns status, seconds and the error (if any)."""
+    t0 = time.perf_counter()
+    try:
+        if var.engine == "mergekit":
+            exe = _mergekit_exe()
+            if exe is None:
+                raise RuntimeError("mergekit-yaml not found (pip install mergekit==0.1.5)")
+            mk = dict(cfg)
+            mk["dtype"] = "float32"
+            mk.pop("seed", None)
+            cfg_path = out.with_name(out.name + ".mergekit.yml")
+            import yaml
+
+            cfg_path.write_text(yaml.safe_dump(mk))
+            if out.exists():
+                shutil.rmtree(out)
+            r = subprocess.run([exe, str(cfg_path), str(out), "--copy-tokenizer"] +
+                               (["--cuda"] if device.startswith("cuda") else []),
+                               check=False, capture_output=True, text=True)
+            if r.returncode != 0:
+                tail = (r.stderr or r.stdout).strip().splitlines()
+                raise RuntimeError(f"mergekit-yaml exit {r.returncode}: {tail[-1] if tail else ''}")
+        else:
+            from seme.config import load_config
+            from seme.merge import run_merge
+
+            run_merge(load_config(cfg), out, device=device, overwrite=True, progress=progress)
+        return {"status": "ok", "merge_s": round(time.perf_counter() - t0, 1)}
+    except Exception as e:  # noqa: BLE001 - a failing method is reported, not hidden
+        msg = " ".join(str(e).split())[:400] or type(e).__name__
+        log.warning("method %s failed: %s", var.label, msg)
+        shutil.rmtree(out, ignore_errors=True)
+        return {"status": "failed", "error": f"{type(e).__name__}: {msg}",
+                "merge_s": round(time.perf_counter() - t0, 1)}
+
+
+def eval_cached(model_dir: Path, suite: str, zoo_dir: Path, limit: int | None, cache_dir: Path | None,
+                device: str, progress: bool) -> dict[str, Any]:
+    """Evaluate a model; parents (base/experts) are cached by weights sha256 inside the zoo."""
+    from seme import __version__
+    from seme.evaluation import evaluate, write_metrics
+    from seme.fsutil import sha256_file
+
+    key = None
+    if cache_dir is not None:
+        sha = sha256_file(model_dir / "model.safetensors")[:16]
+        key = cache_dir / f"{suite}-{limit or 'all'}-v{EVAL_CACHE_VERSION}-{__version__}-{sha}.json"
+        if key.is_file():
+            return json.loads(key.read_text())
+    m = evaluate(model_dir, suite, zoo_dir=zoo_dir, limit=limit, device=device, progress=progress)
+    if key is not None:
+        write_metrics(m, key)
+    return m
+
+
+def summarize(rows: list[dict[str, Any]], tasks: list[str]) -> dict[str, Any]:
+    """Normalized scores (merged / expert), per-task winners, Pareto front, matched-perplexity table."""
+    experts = {r["expert_task"]: r for r in rows if r["kind"] == "expert"}
+    base = next(r for r in rows if r["kind"] == "base")
+    base_ppl = base["metrics"]["general"]["prose"]["value"]
+    for r in rows:
+        if r.get("status") != "ok":
+            continue
+        m = r["metrics"]
+        r["norm"] = {}
+        for t in tasks:
+            ev = experts[t]["metrics"]["tasks"][t]["value"] if t in experts else None
+            r["norm"][t] = (m["tasks"][t]["value"] / ev) if ev else None
+        vals = [v for v in r["norm"].values() if v is not None]
+        r["mean_norm"] = sum(vals) / len(vals) if vals else None
+        r["ppl"] = m["general"]["prose"]["value"]
+        r["ppl_ratio"] = r["ppl"] / base_ppl
+    merged = [r for r in rows if r["kind"] == "merged" and r.get("status") == "ok"]
+    winners = {}
+    for t in tasks:
+        if merged:
+            best = max(merged, key=lambda r: r["metrics"]["tasks"][t]["value"])
+            winners[t] = {"label": best["label"], "value": best["metrics"]["tasks"][t]["value"],
+                          "norm": best["norm"][t]}
+    pareto = []
+    for r in merged:
+        dominated = any(
+            o is not r and o["mean_norm"] >= r["mean_norm"] and o["ppl"] <= r["ppl"]
+            and (o["mean_norm"] > r["mean_norm"] or o["ppl"] < r["ppl"]) for o in merged)
+        if not dominated:
+            pareto.append(r["label"])
+    matched = {}
+    for thr in (1.1, 1.25, 1.5, 2.0, 4.0):
+        per: dict[str, Any] = {}
+        for r in merged:
+            if r["ppl_ratio"] <= thr and (r["family"] not in per or r["mean_norm"] > per[r["family"]]["mean_norm"]):
+                per[r["family"]] = {"label": r["label"], "mean_norm": r["mean_norm"], "ppl_ratio": r["ppl_ratio"]}
+        matched[str(thr)] = per
+    return {"base_ppl": base_ppl, "winners": winners, "pareto": pareto, "matched_ppl": matched}
+
+
+def _fmt(v: Any, nd: int = 3) -> str:
+    return "–" if v is None else f"{v:.{nd}f}"
+
+
+def write_markdown(report: dict[str, Any], path: Path) -> None:
+    """The Markdown report: set-up, per-model table (raw and normalized), winners, Pareto, failures."""
+    tasks = report["tasks"]
+    s = report["summary"]
+    L = [f"# Merge quality benchmark ({report['zoo']['name']} zoo, suite `{report['suite']}`)", ""]
+    if report["zoo"]["name"] == "tiny":
+        L += ["> **Tiny CI zoo** (small llama pretrained ~1 min on CPU, LoRA experts): these numbers test",
+              "> the harness; they say little about real models.", ""]
+    L += [f"- date: {report['created']}",
+          f"- machine: {report['machine']}",
+          "- versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
+          (f"- mode: {'quick' if report['quick'] else 'full'}; items per task: {report['limit'] or 'all'}; "
+          f"device: {report['device']}; torch threads: {report['threads']}"),
+          (f"- wall time: bench {report['wall_s']:.0f} s (merges {report['merge_s_total']:.0f} s, evals "
+          f"{report['eval_s_total']:.0f} s); zoo build (cached) {report['zoo'].get('build_wall_s', '?')} s"),
+          ("- normalized = merged score / the task's expert score; ppl = perplexity on held-out pydoc prose "
+          f"(base {s['base_ppl']:.2f})"), ""]
+    head = ["model", "kind"] + [f"{t} raw (norm)" for t in tasks] + ["mean norm", "prose ppl", "ppl/base"]
+    has_instr = any("instruction" in (r.get("metrics") or {}).get("general", {}) for r in report["rows"])
+    if has_instr:
+        head.append("instruction")
+    head += ["merge s", "status"]
+    L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in report["rows"]:
+        if r.get("status") != "ok":
+            cells = [r["label"], r["kind"]] + ["–"] * (len(head) - 4) + [_fmt(r.get("merge_s"), 0), "**failed**"]
+            L.append("| " + " | ".join(cells) + " |")
+            continue
+        m = r["metrics"]
+        cells = [r["label"], r["kind"]]
+        for t in tasks:
+            cells.append(f"{m['tasks'][t]['value']:.3f} ({_fmt(r['norm'].get(t), 2)})")
+        cells += [_fmt(r["mean_norm"]), f"{r['ppl']:.2f}", f"{r['ppl_ratio']:.2f}"]
+        if has_instr:
+            ins = m["general"].get("instruction")
+            cells.append(f"{ins['value']:.2f}" if ins else "–")
+        cells += [_fmt(r.get("merge_s"), 0), "ok"]
+        L.append("| " + " | ".join(cells) + " |")
+    L += ["", "## Which method wins each task (best raw score among merged models)", ""]
+    for t, w in s["winners"].items():
+        L.append(f"- **{t}**: {w['label']} ({w['value']:.3f}, {_fmt(w['norm'], 2)} of the expert)")
+    L += ["", "## Pareto front (mean normalized task score ↑ vs prose perplexity ↓)", "",
+          ", ".join(s["pareto"]) or "–", "", "## At matched general perplexity", "",
+          ("Best mean normalized task score per method family among its settings whose prose perplexity "
+          "is at most the given multiple of the base's:"), ""]
+    fams = sorted({f for per in s["matched_ppl"].values() for f in per})
+    L += ["| ppl ≤ × base | " + " | ".join(fams) + " |", "|---|" + "---|" * len(fams)]
+    for thr, per in s["matched_ppl"].items():
+        L.append(f"| {thr} | " + " | ".join(
+            f"{per[f]['mean_norm']:.3f} ({per[f]['label']})" if f in per else "–" for f in fams) + " |")
+    failed = [r for r in report["rows"] if r.get("status") == "failed"]
+    if failed:
+        L += ["", "## Failed methods", ""] + [f"- {r['label']}: `{r['error']}`" for r in failed]
+    for n in report.get("notes", []):
+        L += ["", f"Note: {n}"]
+    path.write_text("\n".join(L) + "\n")
+
+
+def write_chart(report: dict[str, Any], path: Path) -> None:
+    """PNG: mean normalized task score vs prose perplexity ratio (Pareto front), and per-task bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in report["rows"] if r.get("status") == "ok" and r.get("mean_norm") is not None]
+    tasks = report["tasks"]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(14, 5.5))
+    fams = sorted({r["family"] for r in ok})
+    cmap = plt.get_cmap("tab20")
+    for i, f in enumerate(fams):
+        pts = [r for r in ok if r["family"] == f]
+        a1.scatter([r["ppl_ratio"] for r in pts], [r["mean_norm"] for r in pts], label=f, color=cmap(i % 20),
+                   marker="*" if f in ("base", "expert") else "o", s=80)
+        for r in pts:
+            a1.annotate(r["label"], (r["ppl_ratio"], r["mean_norm"]), fontsize=6, alpha=0.7)
+    front = sorted((r for r in ok if r["label"] in report["summary"]["pareto"]), key=lambda r: r["ppl_ratio"])
+    if front:
+        a1.plot([r["ppl_ratio"] for r in front], [r["mean_norm"] for r in front], "k--", lw=1, label="Pareto")
+    a1.set_xscale("log")
+    a1.set_xlabel("prose perplexity / base (log, lower is better)")
+    a1.set_ylabel("mean normalized task score (merged / expert)")
+    a1.set_title("task retention vs general ability")
+    a1.legend(fontsize=7)
+    merged = [r for r in ok if r["kind"] == "merged"]
+    width = 0.8 / max(1, len(tasks))
+    for j, t in enumerate(tasks):
+        a2.bar([i + j * width for i in range(len(merged))], [r["norm"].get(t) or 0 for r in merged], width,
+               label=t)
+    a2.set_xticks([i + 0.4 - width / 2 for i in range(len(merged))])
+    a2.set_xticklabels([r["label"] for r in merged], rotation=60, ha="right", fontsize=7)
+    a2.axhline(1.0, color="k", lw=0.8)
+    a2.set_ylabel("normalized score (merged / expert)")
+    a2.set_title("per task")
+    a2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_bench(
+    zoo_dir: Path,
+    out_dir: Path,
+    quick: bool = False,
+    only: list[str] | None = None,
+    limit: int | None = None,
+    device: str = "cpu",
+    keep_models: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the benchmark on a built zoo; returns the report dict (also written to ``out_dir``)."""
+    import torch
+
+    from seme import __version__
+    from seme.errors import ConfigError
+    from seme.evaluation import get_suite
+    from seme.zoo import _versions, load_zoo
+
+    t_start = time.perf_counter()
+    zoo = load_zoo(zoo_dir)
+    suite = zoo["suite"]
+    tasks = [t for t in get_suite(suite).tasks if t in zoo["experts"]]
+    base = zoo_dir / zoo["base"]["path"]
+    experts = [zoo_dir / zoo["experts"][t]["path"] for t in tasks]
+    grid = variants(full=not quick)
+    if only:
+        known = {v.label for v in variants(True)} | {v.family for v in variants(True)}
+        bad = [o for o in only if o not in known]
+        if bad:
+            raise ConfigError(f"unknown bench method(s) {bad}; known: {', '.join(sorted(known))}")
+        grid = [v for v in variants(True) if v.label in only or v.family in only]
+    notes: list[str] = []
+    try:
+        from seme import methods
+
+        methods.get("seme")
+    except Exception:  # noqa: BLE001 - SeMe may not be installed in this checkout yet
+        try:
+            import seme.seme_merge  # noqa: F401 - registers the method
+        except Exception as e:  # noqa: BLE001
+            notes.append(f"SeMe unavailable ({type(e).__name__}: {e}); its rows are marked failed")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    models_dir = out_dir / "models"
+    models_dir.mkdir(exist_ok=True)
+    cache = zoo_dir / "evals"
+    cache.mkdir(exist_ok=True)
+    out_dtype = json.loads((base / "config.json").read_text()).get("dtype") or "float32"
+    rows: list[dict[str, Any]] = []
+    eval_s = merge_s = 0.0
+
+    def evaluate_row(row: dict[str, Any], path: Path, cached: bool) -> None:
+        nonlocal eval_s
+        t0 = time.perf_counter()
+        row["metrics"] = eval_cached(path, suite, zoo_dir, limit, cache if cached else None, device, progress)
+        row["eval_s"] = round(time.perf_counter() - t0, 1)
+        eval_s += row["eval_s"]
+        print(f"[bench] evaluated {row['label']} in {row['eval_s']:.0f}s", file=sys.stderr, flush=True)
+
+    r = {"label": "base", "kind": "base", "family": "base", "status": "ok"}
+    evaluate_row(r, base, True)
+    rows.append(r)
+    for t, e in zip(tasks, experts, strict=True):
+        r = {"label": f"expert:{t}", "kind": "expert", "family": "expert", "expert_task": t, "status": "ok"}
+        evaluate_row(r, e, True)
+        rows.append(r)
+    for var in grid:
+        out = models_dir / var.label.replace("@", "_")
+        cfg = merge_config(var, base, experts, out_dtype)
+        print(f"[bench] merging {var.label}", file=sys.stderr, flush=True)
+        res = run_variant(var, cfg, out, device, progress)
+        merge_s += res["merge_s"]
+        row = {"label": var.label, "kind": "merged", "family": var.family, "method": var.method,
+               "engine": var.engine, "scale": var.scale, "config": cfg, **res}
+        if res["status"] == "ok":
+            try:
+                evaluate_row(row, out, False)
+            except Exception as e:  # noqa: BLE001 - a merged model that cannot be evaluated is a failure
+                row.update(status="failed", error=f"eval: {type(e).__name__}: {e}")
+            if not keep_models:
+                shutil.rmtree(out, ignore_errors=True)
+        rows.append(row)
+    report: dict[str, Any] = {
+        "zoo": {"dir": str(zoo_dir), "name": zoo["name"], "build_wall_s": zoo.get("build_wall_s"),
+                "experts": {t: {k: zoo["experts"][t].get(k) for k in ("recipe", "train_data_sha256", "wall_s")}
+                            for t in tasks}},
+        "suite": suite, "tasks": tasks, "quick": quick, "limit": limit, "device": device,
+        "threads": torch.get_num_threads(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
+                   f"{'CUDA' if torch.cuda.is_available() else 'no GPU'}, {platform.platform()}",
+        "versions": {**_versions(), "seme": __version__},
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "rows": rows, "notes": notes,
+        "merge_s_total": round(merge_s, 1), "eval_s_total": round(eval_s, 1),
+    }
+    report["summary"] = summarize(rows, tasks)
+    report["wall_s"] = round(time.perf_counter() - t_start, 1)
+    (out_dir / "quality.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    write_markdown(report, out_dir / "quality.md")
+    write_chart(report, out_dir / "quality.png")
+    if not keep_models:
+        shutil.rmtree(models_dir, ignore_errors=True)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``seme bench quality [--quick] [--tiny] [--zoo DIR] [--out DIR] [--methods ...] [--limit N]``."""
+    p = argparse.ArgumentParser(prog="seme bench quality",
+                                description="merge the zoo's experts with every method and evaluate")
+    p.add_argument("--quick", action="store_true", help="a subset of methods and items (≤ 10 min)")
+    p.add_argument("--tiny", action="store_true", help="use the tiny CI zoo")
+    p.add_argument("--zoo", default=None, help="a built zoo directory (default: the cached zoo; built if missing)")
+    p.add_argument("--out", default=None, help="report directory (default: bench-results/quality-<time>)")
+    p.add_argument("--methods", nargs="+", default=None, help="only these variants or families")
+    p.add_argument("--limit", type=int, default=None, help="items per task (default: all; --quick: 40)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--keep-models", action="store_true", help="keep the merged checkpoints")
+    p.add_argument("-q", "--quiet", action="store_true")
+    a = p.parse_args(argv)
+    import torch
+
+    from seme.zoo import build_zoo
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    zoo_dir = Path(a.zoo) if a.zoo else build_zoo(tiny=a.tiny, progress=not a.quiet)
+    out = Path(a.out) if a.out else Path("bench-results") / f"quality-{time.strftime('%Y%m%d-%H%M%S')}"
+    limit = a.limit if a.limit is not None else (40 if a.quick else None)
+    rep = run_bench(zoo_dir, out, quick=a.quick, only=a.methods, limit=limit, device=a.device,
+                    keep_models=a.keep_models, progress=not a.quiet)
+    print((out / "quality.md").read_text())
+    print(f"reports: {out / 'quality.json'}, {out / 'quality.md'}, {out / 'quality.png'}")
+    return 0 if all(r.get("status") == "ok" for r in rep["rows"] if r["kind"] != "merged") else 1

@@ -1,0 +1,269 @@
+"""The model zoo: a real base plus experts really fine-tuned from it, cached, for eval and benchmarks.
+
+Layout of one zoo (``<root>/<name>/``)::
+
+    base/                  HF safetensors dir (+ source.json: where it came from, sha256)
+    experts/<task>/        full-weight fine-tunes (LoRA merged), each with expert.json (recipe, seeds,
+                           data sha256, losses, wall time)
+    instruction_set.json   prompts the base answers correctly (real zoo only)
+    zoo.json               the manifest, written last
+
+Every directory is written through ``seme.fsutil.atomic_dir``; a directory counts as built only when
+its recorded recipe hash matches, so an interrupted build resumes (finished parts are kept, a
+half-written part is never used; stale temporaries are removed) and a changed recipe rebuilds.
+Root: ``$SEME_ZOO_DIR`` or ``~/.cache/seme/zoo``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from seme.errors import OutputError
+from seme.fsutil import atomic_dir, sha256_file
+from seme.zoo.finetune import LoraRecipe
+
+log = logging.getLogger(__name__)
+
+REAL_NAME = "smollm2-135m-instruct"
+TINY_NAME = "tiny"
+
+
+@dataclass(frozen=True)
+class ZooRecipe:
+    """A zoo: its eval suite, base settings and one LoRA recipe per expert task."""
+
+    name: str
+    suite: str
+    experts: dict[str, LoraRecipe]
+    base_dtype: str = "bfloat16"
+    tiny_steps: int = 0
+    instruction: bool = True
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+REAL = ZooRecipe(
+    name=REAL_NAME,
+    suite="zoo",
+    experts={
+        "arithmetic": LoraRecipe(steps=150, batch=16, lr=1e-3, seed=1),
+        "french_numbers": LoraRecipe(steps=150, batch=16, lr=1e-3, seed=2),
+        "country_codes": LoraRecipe(steps=120, batch=16, lr=1e-3, seed=3),
+        "python_code": LoraRecipe(steps=60, batch=8, lr=5e-4, seed=4, window=64),
+    },
+)
+
+TINY = ZooRecipe(
+    name=TINY_NAME,
+    suite="tiny",
+    experts={
+        "arithmetic": LoraRecipe(steps=250, batch=16, lr=3e-3, rank=16, alpha=32, seed=1),
+        "french_numbers": LoraRecipe(steps=250, batch=16, lr=3e-3, rank=16, alpha=32, seed=2),
+    },
+    base_dtype="float32",
+    tiny_steps=300,
+    instruction=False,
+)
+
+
+def zoo_root() -> Path:
+    """Cache root: ``$SEME_ZOO_DIR`` or ``~/.cache/seme/zoo``."""
+    env = os.environ.get("SEME_ZOO_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "seme" / "zoo"
+
+
+def zoo_path(name: str, root: str | Path | None = None) -> Path:
+    """Directory of zoo ``name`` under ``root`` (default: :func:`zoo_root`)."""
+    return (Path(root).expanduser() if root is not None else zoo_root()) / name
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _read_json(p: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _write_json(p: Path, obj: Any) -> None:
+    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.replace(p)
+
+
+def _clean_stale(d: Path) -> None:
+    """Remove temporaries that an interrupted build left (``.<name>.tmp-*`` siblings, ``*.part``)."""
+    if not d.is_dir():
+        return
+    for p in d.iterdir():
+        if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name or p.name.endswith(".part")):
+            log.info("removing stale temporary %s", p)
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "peft", "tokenizers", "num2words", "pycountry", "seme"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _weights_sha(d: Path) -> str:
+    return sha256_file(d / "model.safetensors")
+
+
+def build_zoo(
+    root: str | Path | None = None,
+    tiny: bool = False,
+    base: str | Path | None = None,
+    threads: int | None = None,
+    progress: bool = True,
+) -> Path:
+    """Build (or complete) a zoo and return its directory; finished parts are cache hits."""
+    import torch
+
+    from seme.evaluation import data
+    from seme.evaluation.suites import get_suite
+    from seme.zoo import base as zbase
+    from seme.zoo.finetune import lora_finetune
+
+    if threads:
+        torch.set_num_threads(threads)
+    recipe = TINY if tiny else REAL
+    name = recipe.name
+    if base is not None and not tiny:
+        bpath = Path(base).expanduser().absolute()
+        name = f"custom-{hashlib.sha256(str(bpath).encode()).hexdigest()[:10]}"
+    zdir = (Path(root).expanduser() if root is not None else zoo_root()) / name
+    try:
+        zdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create zoo directory {zdir}: {e.strerror}") from None
+    _clean_stale(zdir)
+    _clean_stale(zdir / "experts")
+    t_start = time.perf_counter()
+    manifest: dict[str, Any] = {"name": name, "suite": recipe.suite, "versions": _versions(),
+                                "threads": torch.get_num_threads(), "machine": platform.machine(),
+                                "cpus": os.cpu_count()}
+
+    # ---- base
+    base_dir = zdir / "base"
+    if tiny:
+        base_key = _hash({"tiny": recipe.tiny_steps, "v": 1})
+    elif base is not None:
+        base_key = _hash({"base": str(Path(base).expanduser().absolute()), "dtype": recipe.base_dtype})
+    else:
+        base_key = _hash({"smollm2": zbase.SMOLLM2_PACKAGE, "dtype": recipe.base_dtype})
+    src = _read_json(base_dir / "source.json") if base_dir.is_dir() else None
+    built = _read_json(zdir / "base.key.json")
+    if src is None or built is None or built.get("key") != base_key:
+        t0 = time.perf_counter()
+        log.info("building base of zoo %s", name)
+        if tiny:
+            info = zbase.build_tiny_base(base_dir, steps=recipe.tiny_steps)
+        else:
+            source = Path(base).expanduser() if base is not None else zbase.fetch_smollm2_gguf(zdir / "source")
+            info = zbase.prepare_base(source, base_dir, recipe.base_dtype)
+        _write_json(zdir / "base.key.json", {"key": base_key, "wall_s": round(time.perf_counter() - t0, 1)})
+        src = info
+    manifest["base"] = {"path": "base", "source": src, "sha256": _weights_sha(base_dir),
+                        "wall_s": (_read_json(zdir / "base.key.json") or {}).get("wall_s")}
+    base_sha = manifest["base"]["sha256"]
+
+    # ---- experts
+    suite = get_suite(recipe.suite)
+    manifest["experts"] = {}
+    (zdir / "experts").mkdir(exist_ok=True)
+    for task_name, lr in recipe.experts.items():
+        task = suite.tasks[task_name]
+        if task.kind == "exact":
+            train, held = task.examples()
+            data_sha = data.data_hash([[e.prompt, e.answer] for e in train])
+            held_sha = data.data_hash([[e.prompt, e.answer] for e in held])
+            texts = None
+        else:
+            tmods, hmods = data.code_split()
+            train, texts = None, tmods
+            data_sha = data.data_hash({k: hashlib.sha256(v.encode()).hexdigest() for k, v in tmods.items()})
+            held_sha = data.data_hash(sorted(hmods))
+        key = _hash({"base": base_sha, "recipe": lr.as_dict(), "data": data_sha})
+        edir = zdir / "experts" / task_name
+        rec = _read_json(edir / "expert.json") if edir.is_dir() else None
+        if rec is None or rec.get("key") != key or not (edir / "model.safetensors").is_file():
+            log.info("fine-tuning expert %s of zoo %s", task_name, name)
+            t0 = time.perf_counter()
+            model, tok, stats = lora_finetune(base_dir, lr, examples=train, texts=texts, progress=progress)
+            rec = {"task": task_name, "key": key, "recipe": lr.as_dict(), "base_sha256": base_sha,
+                   "train_data_sha256": data_sha, "heldout_data_sha256": held_sha,
+                   "train_items": len(train) if train is not None else len(texts or {}),
+                   "threads": torch.get_num_threads(), **stats,
+                   "wall_s": round(time.perf_counter() - t0, 1)}
+            with atomic_dir(edir, overwrite=True) as tmp:
+                zbase.save_hf(model, tok, tmp, recipe.base_dtype)
+                _write_json(tmp / "expert.json", rec)
+            del model
+        rec = dict(rec)
+        rec["path"] = f"experts/{task_name}"
+        rec["sha256"] = _weights_sha(edir)
+        manifest["experts"][task_name] = rec
+
+    # ---- instruction set (prompts the base answers correctly)
+    if recipe.instruction:
+        iset = _read_json(zdir / "instruction_set.json")
+        if iset is None or iset.get("base_sha256") != base_sha:
+            iset = build_instruction_set(base_dir, base_sha, progress)
+            _write_json(zdir / "instruction_set.json", iset)
+        manifest["instruction_set"] = {"path": "instruction_set.json", "n": len(iset["prompts"]),
+                                       "candidates": iset["candidates"]}
+    manifest["created"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+    manifest["build_wall_s"] = round(time.perf_counter() - t_start, 1)
+    old = _read_json(zdir / "zoo.json")
+    if old is None or {k: v for k, v in old.items() if k not in ("created", "build_wall_s")} != {
+        k: v for k, v in json.loads(json.dumps(manifest, default=str)).items()
+        if k not in ("created", "build_wall_s")
+    }:
+        _write_json(zdir / "zoo.json", manifest)
+    return zdir
+
+
+def build_instruction_set(base_dir: Path, base_sha: str, progress: bool = True) -> dict[str, Any]:
+    """Run the base on the instruction candidates and keep the prompts it answers correctly."""
+    from seme.evaluation import data, runner
+
+    model, tok = runner.load_model(base_dir)
+    cands = data.instruction_candidates()
+    if not getattr(tok, "chat_template", None):
+        return {"base_sha256": base_sha, "candidates": len(cands), "prompts": [],
+                "note": "base tokenizer has no chat template"}
+    ok = runner.instruction_answers(model, tok, cands)
+    keep = [{"prompt": e.prompt, "answer": e.answer} for e, good in zip(cands, ok, strict=True) if good]
+    return {"base_sha256": base_sha, "candidates": len(cands), "prompts": keep,
+            "source": "calendar month/day names, num2words English, pydoc_data held-out words"}
+
+
+def load_zoo(zoo_dir: str | Path) -> dict[str, Any]:
+    """Read a zoo manifest; error if the zoo was never completed."""
+    from seme.errors import EvalError
+
+    p = Path(zoo_dir) / "zoo.json"
+    m = _read_json(p)
+    if m is None:
+        raise EvalError(f"{zoo_dir} is not a built zoo (no readable zoo.json); run `seme zoo build`")
+    return m
