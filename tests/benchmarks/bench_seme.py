@@ -1,0 +1,135 @@
+"""SeMe speed benchmark: align (no Erase) and the full merge (with Erase) on real-size shapes.
+
+Three random checkpoints of one shape (independent initialisations, so the alignment has real work:
+a rotation with norm folding and non-identity permutations in every layer). Targets on 2 CPU cores
+for SmolLM2-135M's shape: align ≤ 60 s, full merge (alignment inline + Erase over 8192 tokens) ≤ 5 min.
+
+    nice python tests/benchmarks/bench_seme.py --out /tmp/bench_seme [--device cuda] [--shape qwen2.5-1.5b]
+
+Writes ``bench_seme.json`` and ``bench_seme.md`` into --out. Not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+
+SHAPES = {
+    "smollm2-135m": {
+        "model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+        "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152,
+        "tie_word_embeddings": True, "max_position_embeddings": 2048, "bos_token_id": 0, "eos_token_id": 0,
+    },
+    # about 10x the parameters: the GPU run's second shape
+    "qwen2.5-1.5b": {
+        "model_type": "qwen2", "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
+        "num_attention_heads": 12, "num_key_value_heads": 2, "vocab_size": 151936,
+        "tie_word_embeddings": True, "max_position_embeddings": 4096,
+    },
+}
+
+
+def make_checkpoint(out: Path, shape: dict, seed: int) -> Path:
+    """A random checkpoint of ``shape`` (names from transformers on the meta device, values seeded)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kw = dict(shape)
+    cfg = AutoConfig.for_model(kw.pop("model_type"), **kw)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, p in model.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        if name.endswith("norm.weight") and name != "model.norm.weight":
+            sd[name] = 1.0 + 0.1 * torch.randn(p.shape, generator=g)
+        elif name.endswith("norm.weight"):
+            sd[name] = torch.ones(p.shape)
+        elif name.endswith(".bias"):
+            sd[name] = 0.02 * torch.randn(p.shape, generator=g)
+        else:
+            sd[name] = 0.02 * torch.randn(p.shape, generator=g)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    cfg.to_json_file(str(out / "config.json"))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="bench_seme_out")
+    ap.add_argument("--shape", default="smollm2-135m", choices=sorted(SHAPES))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--keep", action="store_true", help="keep the random checkpoints")
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from seme.alignment import align
+    from seme.config import load_config
+    from seme.merge import run_merge
+
+    out = Path(args.out).absolute()
+    work = out / f"models-{args.shape}"
+    out.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    models = [make_checkpoint(work / f"m{i}", SHAPES[args.shape], seed=i) for i in range(3)]
+    t_make = time.perf_counter() - t
+    cfg = load_config({"merge_method": "seme", "models": [{"model": str(m)} for m in models],
+                       "parameters": {"tokens": args.tokens}})
+    t = time.perf_counter()
+    art = align(cfg, out / f"alignment-{args.shape}", device=args.device, overwrite=True)
+    t_align = time.perf_counter() - t
+    meta = json.loads((art / "alignment.json").read_text())
+    t = time.perf_counter()
+    res = run_merge(cfg, out / f"merged-{args.shape}", device=args.device, overwrite=True, progress=False)
+    t_merge = time.perf_counter() - t
+    seme = res.manifest["seme"]
+    report = {
+        "shape": args.shape,
+        "device": args.device,
+        "threads": args.threads,
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+        "tokens": int(meta["token_subset"]["size"]),
+        "make_checkpoints_s": round(t_make, 2),
+        "align_s": round(t_align, 2),
+        "align_breakdown_s": {k: round(v, 2) for k, v in meta["timings"].items()},
+        "merge_total_s": round(t_merge, 2),
+        "merge_breakdown_s": {k: round(v, 2) for k, v in seme["merge_timings"].items()},
+        "rotation": meta["rotation"],
+        "peak_rss_mb": round(res.peak_rss_bytes / 1e6),
+        "targets": {"align_s": 60, "merge_total_s": 300} if args.shape == "smollm2-135m" else {},
+    }
+    (out / "bench_seme.json").write_text(json.dumps(report, indent=2))
+    md = [
+        f"# SeMe speed: {args.shape} on {args.device} ({args.threads} threads)",
+        "",
+        "| step | seconds |",
+        "|---|---|",
+        f"| align (bases, rotation, permutations, Select statistics; no Erase) | {report['align_s']} |",
+        (f"| full merge (alignment inline + Select/Compute/Erase, |T| = {report['tokens']}) | "
+         f"{report['merge_total_s']} |"),
+        f"| of which Erase | {report['merge_breakdown_s'].get('erase_s')} |",
+        "",
+        f"Peak RSS {report['peak_rss_mb']} MB. Rotation: {meta['rotation']['reason']}.",
+    ]
+    (out / "bench_seme.md").write_text("\n".join(md) + "\n")
+    print(json.dumps(report, indent=2))
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
