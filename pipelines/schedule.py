@@ -37,6 +37,9 @@ def schedule(
     ``package``: a compiled IR YAML (default: compile the merge pipeline with default options now).
     ``no_catchup`` is set: a scheduler that was down runs the merge once, not once per missed slot.
     """
+    import contextlib
+    import io
+
     import kfp
     import kfp_server_api
     import urllib3
@@ -53,7 +56,8 @@ def schedule(
             raise PipelineError(f"{package}: pipeline package not found (seme pipeline compile writes one)")
         try:
             client = kfp.Client(host=host, namespace=namespace or "kubeflow", existing_token=existing_token)
-            exp = client.create_experiment(experiment, namespace=namespace)
+            with contextlib.redirect_stdout(io.StringIO()):  # the client prints a UI link to stdout
+                exp = client.create_experiment(experiment, namespace=namespace)
             job = client.create_recurring_run(
                 experiment_id=exp.experiment_id,
                 job_name=job_name,

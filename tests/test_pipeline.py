@@ -1,0 +1,325 @@
+"""Kubeflow pipelines: compiled IR, the schedule request, and a local end-to-end run on the tiny zoo.
+
+- compile: ``seme pipeline compile`` writes IR YAML, parsed back into KFP's ``PipelineSpec`` /
+  ``PlatformSpec`` protobufs (kfp.pipeline_spec.pipeline_spec_pb2); the tests read the fields a
+  cluster acts on (GPU request, node selector and toleration, the condition, the exit handler,
+  retries, caching).
+- schedule: no Kubeflow cluster exists here, so the KFP *API server* is the one thing replaced: a
+  small HTTP server on 127.0.0.1 that answers the REST calls of the real ``kfp.Client`` and records
+  them. The test checks the recurring-run request the real client sent.
+- run-local: the real pipeline under KFP's local SubprocessRunner, with real S3 (moto) and MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+
+from seme.cli import main as seme_main
+
+TRIGGER = None  # filled lazily (kfp import is slow): PipelineTaskSpec.TriggerPolicy.TriggerStrategy
+
+
+def compile_ir(tmp_path: Path, *args: str, pipeline: str = "merge"):
+    from pipelines.compile import load_ir
+
+    out = tmp_path / f"{pipeline}.yaml"
+    assert seme_main(["pipeline", "compile", "--pipeline", pipeline, "-o", str(out), *args]) == 0
+    return load_ir(out)
+
+
+def dag_tasks(spec, component: str | None = None) -> dict:
+    comp = spec.root if component is None else spec.components[component]
+    return dict(comp.dag.tasks)
+
+
+def tasks_by_component(spec) -> dict[str, list]:
+    """component name -> every task (in any DAG) that runs it."""
+    out: dict[str, list] = {}
+    dags = [spec.root] + [c for c in spec.components.values() if c.WhichOneof("implementation") == "dag"]
+    for dag in dags:
+        for t in dag.dag.tasks.values():
+            out.setdefault(t.component_ref.name, []).append(t)
+    return out
+
+
+def k8s_executors(platform) -> dict[str, dict]:
+    """The kfp-kubernetes settings per executor (PlatformSpec → plain dicts)."""
+    from google.protobuf import json_format
+
+    execs = platform.platforms["kubernetes"].deployment_spec.executors
+    return {name: json_format.MessageToDict(cfg) for name, cfg in execs.items()}
+
+
+def executor_of(spec, component: str) -> str:
+    return spec.components[component].executor_label
+
+
+def container(spec, component: str):
+    from google.protobuf import json_format
+
+    return json_format.MessageToDict(
+        spec.deployment_spec["executors"][executor_of(spec, component)]["container"]
+    )
+
+
+@pytest.fixture(scope="module")
+def merge_ir(tmp_path_factory):
+    return compile_ir(tmp_path_factory.mktemp("ir"))
+
+
+def test_compile_gpu_request_node_selector_and_toleration_on_align(merge_ir):
+    spec, platform = merge_ir
+    res = container(spec, "comp-compute-alignment")["resources"]
+    assert (
+        res["accelerator"]["resourceType"] == "nvidia.com/gpu" and res["accelerator"]["resourceCount"] == "1"
+    )
+    k8s = k8s_executors(platform)
+    align = k8s[executor_of(spec, "comp-compute-alignment")]
+    assert align["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
+    assert list(align["tolerations"]) == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    ]
+    # only align asks for a GPU; every step has CPU/memory requests and limits
+    for name, comp in spec.components.items():
+        if comp.WhichOneof("implementation") != "executor_label":
+            continue
+        r = container(spec, name)["resources"]
+        assert {
+            "resourceCpuRequest",
+            "resourceCpuLimit",
+            "resourceMemoryRequest",
+            "resourceMemoryLimit",
+        } <= set(r)
+        assert ("accelerator" in r) == (name == "comp-compute-alignment"), name
+        assert container(spec, name)["image"] == "ghcr.io/seme-project/seme:0.1.0"
+        assert "nodeSelector" not in k8s[comp.executor_label] or name == "comp-compute-alignment"
+    # S3 credentials come from the secret, only where S3 is touched
+    with_secret = {e for e, cfg in k8s.items() if "secretAsEnv" in cfg}
+    s3_steps = [
+        c for c in spec.components if c.startswith(("comp-fetch-checkpoint", "comp-merge-checkpoints"))
+    ]
+    assert len(s3_steps) == 3  # fetch (sources), fetch (base), merge (publishes)
+    assert with_secret == {executor_of(spec, c) for c in s3_steps}
+
+
+def test_compile_structure_exit_handler_loop_and_condition(merge_ir):
+    from kfp.pipeline_spec import pipeline_spec_pb2
+
+    spec, _ = merge_ir
+    strategy = pipeline_spec_pb2.PipelineTaskSpec.TriggerPolicy.TriggerStrategy
+    root = dag_tasks(spec)
+    assert set(root) == {"exit-handler-1", "record-status"}
+    exit_task = root["record-status"]
+    assert exit_task.trigger_policy.strategy == strategy.ALL_UPSTREAM_TASKS_COMPLETED
+    assert list(exit_task.dependent_tasks) == ["exit-handler-1"]
+    assert exit_task.inputs.parameters["status"].task_final_status.producer_task == "exit-handler-1"
+
+    body = dag_tasks(spec, root["exit-handler-1"].component_ref.name)
+    loops = [t for t in body.values() if t.WhichOneof("iterator") == "parameter_iterator"]
+    assert (
+        len(loops) == 1
+        and loops[0].parameter_iterator.items.input_parameter == "pipelinechannel--source_uris"
+    )
+    loop_body = dag_tasks(spec, loops[0].component_ref.name)
+    assert [t.component_ref.name for t in loop_body.values()] == ["comp-fetch-checkpoint"]
+    assert {t.component_ref.name for t in body.values()} >= {
+        "comp-fetch-checkpoint-2",  # the base
+        "comp-compute-alignment",
+        "comp-merge-checkpoints",
+        "comp-evaluate-models",
+        "comp-validation-gate",
+    }
+    branches = [t for t in body.values() if t.component_ref.name.startswith("comp-condition-branches")]
+    assert len(branches) == 1
+    conds = dag_tasks(spec, branches[0].component_ref.name)
+    by_cond = {t.trigger_policy.condition: t for t in conds.values()}
+    passed = "inputs.parameter_values['pipelinechannel--validation-gate-passed'] == true"
+    assert set(by_cond) == {passed, f"!({passed})"}
+    for cond, alias in ((passed, "pilot"), (f"!({passed})", "")):
+        (reg,) = dag_tasks(spec, by_cond[cond].component_ref.name).values()
+        assert reg.component_ref.name.startswith("comp-register-model")
+        assert reg.inputs.parameters["alias"].runtime_value.constant.string_value == alias
+        assert reg.inputs.parameters["gate_passed"].runtime_value.constant.bool_value is (alias == "pilot")
+
+
+def test_compile_retries_and_caching(merge_ir):
+    spec, _ = merge_ir
+    tasks = tasks_by_component(spec)
+    fetches = [t for name, ts in tasks.items() if name.startswith("comp-fetch-checkpoint") for t in ts]
+    registers = [t for name, ts in tasks.items() if name.startswith("comp-register-model") for t in ts]
+    assert len(fetches) == 2 and len(registers) == 2  # sources (in the loop) + base; pilot + failed
+    for t in fetches + registers:
+        assert t.retry_policy.max_retry_count == 3, t.task_info.name
+        assert t.retry_policy.backoff_duration.seconds == 30
+    for t in fetches:
+        assert t.caching_options.enable_cache is False, "fetch must always re-verify the checkpoints"
+    assert tasks["comp-merge-checkpoints"][0].retry_policy.max_retry_count == 0, (
+        "a failed merge is not retried"
+    )
+
+
+def test_compile_without_gpu_and_bad_options(tmp_path, capsys):
+    spec, platform = compile_ir(tmp_path, "--no-gpu")
+    assert "accelerator" not in container(spec, "comp-compute-alignment")["resources"]
+    align = k8s_executors(platform)[executor_of(spec, "comp-compute-alignment")]
+    assert "nodeSelector" not in align and "tolerations" not in align
+    spec, platform = compile_ir(
+        tmp_path, "--gpu-node-selector", "pool=a100", "--gpu-toleration", "gpu:Equal:yes:NoExecute"
+    )
+    align = k8s_executors(platform)[executor_of(spec, "comp-compute-alignment")]
+    assert align["nodeSelector"]["labels"] == {"pool": "a100"}
+    assert list(align["tolerations"]) == [
+        {"key": "gpu", "operator": "Equal", "value": "yes", "effect": "NoExecute"}
+    ]
+    capsys.readouterr()
+    out = tmp_path / "bad.yaml"
+    rc = _cli(["pipeline", "compile", "-o", str(out), "--gpu-toleration", "gpu:Sometimes"])
+    assert rc != 0 and "GPU toleration 'gpu:Sometimes'" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_compile_promote_pipeline(tmp_path):
+    spec, _ = compile_ir(tmp_path, pipeline="promote")
+    (task,) = dag_tasks(spec).values()
+    assert task.component_ref.name == "comp-promote-model"
+    assert task.retry_policy.max_retry_count == 3 and task.caching_options.enable_cache is False
+    params = spec.root.input_definitions.parameters
+    assert params["to_alias"].default_value.string_value == "production"
+    assert params["version"].default_value.string_value == ""
+
+
+def _cli(argv: list[str]) -> int:
+    try:
+        return seme_main(argv)
+    except SystemExit as e:  # the CLI exits through sys.exit on errors
+        return int(e.code or 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# schedule: the real kfp.Client against a stand-in KFP API server (no cluster here)
+# ------------------------------------------------------------------------------------------------
+
+
+class FakeKfpApi:
+    """Answers the KFP v2beta1 REST calls a ``kfp.Client`` makes to create a recurring run; records them."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str, dict | None]] = []
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):  # keep pytest output clean
+                pass
+
+            def _reply(self, body: dict, code: int = 200) -> None:
+                raw = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
+
+            def do_GET(self):
+                api.requests.append(("GET", self.path, None))
+                if self.path.startswith("/apis/v2beta1/healthz"):
+                    return self._reply({"multi_user": False})
+                if self.path.startswith("/apis/v2beta1/experiments"):
+                    return self._reply({"experiments": [], "total_size": 0})
+                return self._reply({"error": "not found"}, 404)
+
+            def do_POST(self):
+                n = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(n) or b"{}")
+                api.requests.append(("POST", self.path, body))
+                if self.path == "/apis/v2beta1/experiments":
+                    return self._reply({"experiment_id": "exp-7", "display_name": body.get("display_name")})
+                if self.path == "/apis/v2beta1/recurringruns":
+                    return self._reply({**body, "recurring_run_id": "rr-42", "status": "ENABLED"})
+                return self._reply({"error": "not found"}, 404)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def kfp_api():
+    api = FakeKfpApi()
+    yield api
+    api.close()
+
+
+def _s3_config(tmp_path: Path) -> Path:
+    cfg = {
+        "merge_method": "ties",
+        "base_model": "s3://zoo/base",
+        "models": [{"model": "s3://zoo/arithmetic", "parameters": {"weight": 1.0, "density": 0.5}},
+                   {"model": "s3://zoo/french", "parameters": {"weight": 1.0, "density": 0.5}}],
+    }  # fmt: skip
+    p = tmp_path / "merge.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def test_schedule_sends_a_cron_recurring_run_of_the_compiled_pipeline(tmp_path, kfp_api, monkeypatch, capsys):
+    monkeypatch.setenv("HOME", str(tmp_path))  # kfp.Client reads ~/.config/kfp/context.json
+    cfg = _s3_config(tmp_path)
+    rc = _cli(["pipeline", "schedule", str(cfg), "--cron", "0 0 3 * * *", "--host", kfp_api.url,
+               "--suite", "tiny", "--expert", "arithmetic=s3://zoo/arithmetic", "--name", "nightly-merge"])  # fmt: skip
+    assert rc == 0
+    assert "recurring run rr-42" in capsys.readouterr().out
+    posts = {path: body for method, path, body in kfp_api.requests if method == "POST"}
+    assert posts["/apis/v2beta1/experiments"]["display_name"] == "seme"
+    rr = posts["/apis/v2beta1/recurringruns"]
+    assert rr["experiment_id"] == "exp-7"
+    assert rr["trigger"] == {"cron_schedule": {"cron": "0 0 3 * * *"}}
+    assert rr["mode"] == "ENABLE" and rr["no_catchup"] is True and int(rr["max_concurrency"]) == 1
+    assert rr["service_account"] == "seme-pipeline-runner"
+    assert rr["display_name"] == "seme-merge-nightly"
+    # the whole compiled pipeline travels inline, GPU request and platform config included
+    ps = rr["pipeline_spec"]
+    assert ps["pipeline_spec"]["pipelineInfo"]["name"] == "seme-merge"
+    align = ps["pipeline_spec"]["deploymentSpec"]["executors"]["exec-compute-alignment"]["container"]
+    assert align["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
+    assert (
+        "exec-compute-alignment"
+        in ps["platform_spec"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    )
+    params = rr["runtime_config"]["parameters"]
+    assert params["source_uris"] == ["s3://zoo/arithmetic", "s3://zoo/french"]
+    assert params["base_uri"] == "s3://zoo/base"
+    assert yaml.safe_load(params["merge_config"])["merge_method"] == "ties"
+    assert params["expert_tasks"] == {"arithmetic": "s3://zoo/arithmetic"}
+    assert params["registered_model_name"] == "nightly-merge" and params["eval_suite"] == "tiny"
+    assert params["mlflow_tracking_uri"] == "" and params["s3_endpoint"] == "", (
+        "cluster endpoints: from ConfigMap"
+    )
+
+
+def test_schedule_refuses_bad_input_before_calling_the_server(tmp_path, kfp_api, capsys, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = _s3_config(tmp_path)
+    rc = _cli(["pipeline", "schedule", str(cfg), "--cron", "0 3 * * *", "--host", kfp_api.url])
+    assert rc != 0 and "KFP needs 6" in capsys.readouterr().err
+    local_cfg = tmp_path / "local.yaml"
+    local_cfg.write_text(yaml.safe_dump({"merge_method": "linear", "models": [{"model": str(tmp_path)}]}))
+    rc = _cli(["pipeline", "schedule", str(local_cfg), "--cron", "0 0 3 * * *", "--host", kfp_api.url])
+    assert rc != 0 and "not an s3:// URI" in capsys.readouterr().err
+    assert kfp_api.requests == []
+    # a server that answers with an error: one line naming the host
+    rc = _cli(
+        ["pipeline", "schedule", str(cfg), "--cron", "0 0 3 * * *", "--host", kfp_api.url + "/nothing-here"]
+    )
+    assert rc != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "could not create the recurring run" in err[0] and "/nothing-here" in err[0]
