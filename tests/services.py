@@ -238,7 +238,21 @@ class CuttingProxy:
         self._srv.listen(64)
         self.url = f"http://127.0.0.1:{self._srv.getsockname()[1]}"
         self._closed = False
+        self._down = False
+        self._fail: list | None = None  # [substring of the request line, let through, then drop]
+        self.dropped = 0
         threading.Thread(target=self._accept, daemon=True).start()
+
+    def set_down(self, down: bool = True) -> None:
+        """Down: every open connection is closed and new ones are refused (a server that died)."""
+        self._down = down
+        if down:
+            self.drop_all()
+
+    def fail_requests(self, pattern: str, skip: int = 0, count: int = 1) -> None:
+        """Drop ``count`` requests whose request line contains ``pattern``, after ``skip`` went through."""
+        with self._lock:
+            self._fail = [pattern, skip, count]
 
     def cut_after(self, nbytes: int | None) -> None:
         with self._lock:
@@ -252,6 +266,9 @@ class CuttingProxy:
                 client, _ = self._srv.accept()
             except OSError:
                 return
+            if self._down:
+                client.close()
+                continue
             try:
                 up = socket.create_connection(self._upstream)
             except OSError:
@@ -265,10 +282,22 @@ class CuttingProxy:
     def _pump_requests(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(1 << 16):
+                drop = False
                 for m in self._re.finditer(data):
                     r = self._range.search(m.group(0))
+                    line = m.group(1).decode()
                     with self._lock:
-                        self.requests.append((m.group(1).decode(), r.group(1).decode() if r else None))
+                        self.requests.append((line, r.group(1).decode() if r else None))
+                        f = self._fail
+                        if f and f[0] in line:
+                            if f[1] > 0:
+                                f[1] -= 1
+                            elif f[2] > 0:
+                                f[2] -= 1
+                                drop = True
+                                self.dropped += 1
+                if drop or self._down:
+                    break
                 dst.sendall(data)
         except OSError:
             pass
