@@ -21,7 +21,8 @@ def merge_checkpoints(
     """Run ``seme.merge.run_merge`` into the Model artifact and publish it to ``output_uri/pipeline_run``.
 
     The published prefix is per pipeline run, so a rerun never overwrites an earlier result.
-    Metadata: ``uri`` (published location), ``sha256``, ``method``, ``config_sha256``.
+    Metadata: ``uri`` (published location), ``sha256``, ``method``, ``config_sha256``, ``sources``
+    (``[{uri, sha256}]`` of the verified inputs, as the registry's ``seme.sources`` tag wants them).
     """
     import yaml
 
@@ -44,5 +45,10 @@ def merge_checkpoints(
             "method": cfg.merge_method,
             # of the config as given (with its s3:// URIs), not of the local paths it ran with
             "config_sha256": load_config(yaml.safe_load(merge_config)).sha256(),
+            "sources": [
+                {"uri": a.metadata["uri"], "sha256": a.metadata.get("sha256", "")}
+                for a in [base, *sources]
+                if a.metadata.get("uri")
+            ],
         }
     )

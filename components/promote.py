@@ -21,15 +21,17 @@ def promote_model(
     """
     from seme import registry
 
-    promoted = registry.promote(
-        registered_model_name, version=version or None, to=to_alias, tracking_uri=mlflow_tracking_uri or None
+    moves = registry.promote(
+        registered_model_name, to=to_alias, version=version or None, tracking_uri=mlflow_tracking_uri or None
     )
+    promoted = moves[to_alias]
     promotion.metadata.update(
         {
             "name": registered_model_name,
             "version": str(promoted),
             "alias": to_alias,
             "uri": f"models:/{registered_model_name}@{to_alias}",
+            "previous": str(moves.get("previous-production") or ""),
         }
     )
     return str(promoted)

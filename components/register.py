@@ -26,31 +26,44 @@ def register_model(
     ``seme.gate = failed`` and no alias. Returns the version number. Metadata: ``name``, ``version``,
     ``alias``, ``run_id``, ``uri``, ``sha256``.
     """
+    import json
+    import os
+
     from seme import registry
 
+    tracking_uri = mlflow_tracking_uri or None
+    gate_file = os.path.join(gate_result.path, "gate_result.json")
     run_id = registry.log_merge_run(
-        merged_dir=merged.path,
-        config=merge_config,
-        eval_dir=report.path,
-        gate_dir=gate_result.path,
+        merged.path,
+        metrics=os.path.join(report.path, "bundle.json"),
+        gate=gate_file,
         alignment_dir=None if alignment.metadata.get("skipped", True) else alignment.path,
+        params={"pipeline": {"published_uri": merged.metadata.get("uri", "")}},
+        run_name=f"{registered_model_name} {pipeline_run}",
         pipeline_run=pipeline_run,
-        tracking_uri=mlflow_tracking_uri or None,
+        tracking_uri=tracking_uri,
     )
+    # alias: register_model sets pilot itself, and only for a passed gate
+    passed = gate_passed and registry.gate_passed(gate_file)
     version = registry.register_model(
+        merged.path,
         registered_model_name,
         run_id=run_id,
-        model_uri=merged.metadata.get("uri") or merged.path,
-        gate_passed=gate_passed,
-        tracking_uri=mlflow_tracking_uri or None,
+        tags={
+            "seme.sources": json.dumps(merged.metadata.get("sources", [])),
+            "seme.uri": merged.metadata.get("uri", ""),
+        },
+        gate_passed=passed,
+        pipeline_run=pipeline_run,
+        tracking_uri=tracking_uri,
     )
-    if alias and gate_passed:
-        registry.set_alias(registered_model_name, version, alias, tracking_uri=mlflow_tracking_uri or None)
+    if alias and alias != registry.PILOT and passed:
+        registry.set_alias(registered_model_name, alias, version, tracking_uri=tracking_uri)
     model_version.metadata.update(
         {
             "name": registered_model_name,
             "version": str(version),
-            "alias": alias if gate_passed else "",
+            "alias": alias if passed else "",
             "run_id": run_id,
             "uri": f"models:/{registered_model_name}/{version}",
             "sha256": merged.metadata.get("sha256", ""),
@@ -67,12 +80,12 @@ def record_status(
     pipeline_run: str,
 ) -> None:
     """Exit handler: record the run's final state (and the failing step's message) in MLflow."""
-    from seme import registry
+    from components.common import record_pipeline_status
 
-    registry.record_pipeline_status(
-        pipeline_run=pipeline_run,
-        state=status.state,
-        error=status.error_message or "",
-        registered_model_name=registered_model_name,
-        tracking_uri=mlflow_tracking_uri or None,
+    record_pipeline_status(
+        pipeline_run,
+        status.state,
+        status.error_message or "",
+        registered_model_name,
+        mlflow_tracking_uri or None,
     )
