@@ -176,3 +176,20 @@ def test_data_free_diagnostics(tiny_model, perturbed, tmp_path):
     text = format_report(rep)
     assert "mean" in text and "KL(src1" in text
     json.dumps(rep)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "phi3", "gpt2"])
+def test_other_families_merge_and_match_permuted_units(tiny_model, perturbed, tmp_path, family):
+    """Fused q/k/v and gate/up (phi3), Conv1D-transposed weights (gpt2), q/k norms (qwen3)."""
+    from seme.alignment import compute_alignment
+    from seme.checkpoint import Checkpoint
+
+    base = tiny_model("base", family=family)
+    a, c = perturbed(base, "a", 0.02, 1), perturbed(base, "c", 0.02, 2)
+    _merge(seme_config([a, c], base, erase="none", select_ratio=0.0), tmp_path / "out")
+    tb, ta, tc, out = tensors(base), tensors(a), tensors(c), tensors(tmp_path / "out")
+    for n, t0 in tb.items():
+        assert torch.allclose(out[n], ta[n] + tc[n] - t0, atol=1e-5, rtol=0), n
+    far = tiny_model("far", family=family, seed=5)
+    al = compute_alignment(load_config(seme_config([base, far])), [Checkpoint(base), Checkpoint(far)], None)
+    assert al.meta["models"]["1"]["mlp_permuted_layers"] == [0, 1]  # unrelated models: real matchings
