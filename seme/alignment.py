@@ -95,6 +95,12 @@ class Settings:
     def from_config(cls, cfg: Any) -> Settings:
         """Read the scalar SeMe parameters of a MergeConfig (unknown keys were rejected by load_config)."""
         raw = dict(GLOBAL_PARAMS)
+        for i, m in enumerate(cfg.models):
+            extra = sorted(set(m.parameters) - set(MODEL_PARAMS))
+            if extra:
+                raise ConfigError(
+                    f"models[{i}] ({m.model}): SeMe parameter {extra[0]} is global; set it under `parameters`"
+                )
         for k, v in (cfg.parameters or {}).items():
             if k in raw:
                 if isinstance(v, (list, dict)) and k not in ("scale",):
