@@ -354,31 +354,43 @@ class CuttingProxy:
 # ------------------------------------------------------------------------------------------------
 
 
+def _read_env(path: Path) -> dict[str, str]:
+    out = {}
+    for line in path.read_text().splitlines():
+        k, sep, v = line.partition("=")
+        if sep:
+            out[k.strip()] = v.strip().strip('"')
+    return out
+
+
 def _cli(argv: list[str]) -> int:
     if len(argv) != 2 or argv[0] not in ("start", "stop"):
         print("usage: services.py start|stop ENV_FILE", file=sys.stderr)
         return 2
     action, env_file = argv[0], Path(argv[1]).absolute()
-    state = env_file.with_suffix(env_file.suffix + ".pids")
     if action == "stop":
-        if state.exists():
-            for line in state.read_text().split():
-                if line.isdigit():
-                    stop_pid(int(line))
-            state.unlink()
+        if not env_file.exists():
+            return 0
+        env = _read_env(env_file)
+        for pid in env.get("SEME_TEST_SERVICES_PIDS", "").split():
+            if pid.isdigit():
+                stop_pid(int(pid))
+        if env.get("SEME_TEST_SERVICES_DIR", "").startswith(tempfile.gettempdir()):
+            shutil.rmtree(env["SEME_TEST_SERVICES_DIR"], ignore_errors=True)
+        env_file.unlink()
         return 0
+    if env_file.exists():  # a previous run that was not stopped: stop it first
+        _cli(["stop", str(env_file)])
     workdir = Path(tempfile.mkdtemp(prefix="seme-services-"))
     moto, s3_url = start_moto(log=workdir / "moto.log")
-    state.write_text(f"{moto.pid}\n")
     try:
         mlf, mlflow_url = start_mlflow(s3_url, workdir)
     except BaseException:
         stop_pid(moto.pid)
-        state.unlink()
         raise
-    state.write_text(f"{mlf.pid}\n{moto.pid}\n")
     env_file.write_text(
-        f"SEME_TEST_S3_ENDPOINT={s3_url}\nSEME_TEST_MLFLOW_URI={mlflow_url}\nSEME_TEST_SERVICES_DIR={workdir}\n"
+        f"SEME_TEST_S3_ENDPOINT={s3_url}\nSEME_TEST_MLFLOW_URI={mlflow_url}\n"
+        f'SEME_TEST_SERVICES_DIR={workdir}\nSEME_TEST_SERVICES_PIDS="{mlf.pid} {moto.pid}"\n'
     )
     print(f"moto S3 at {s3_url} (pid {moto.pid}); MLflow at {mlflow_url} (pid {mlf.pid}); logs in {workdir}")
     return 0
