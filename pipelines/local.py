@@ -20,7 +20,9 @@ other input.
 
 import contextlib
 import json
+import logging
 import os
+import re
 import socket
 import sys
 import time
@@ -72,6 +74,8 @@ def services(
     if s3_endpoint is None:
         from moto.server import ThreadedMotoServer
 
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per S3 request otherwise
+
         port = _free_port()
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
         server.start()
@@ -79,6 +83,7 @@ def services(
         env.update(_EMBEDDED_AWS)
     if mlflow_uri is None:
         mlflow_uri = f"sqlite:///{(workdir / 'mlflow.db').absolute()}"
+        _local_experiment(mlflow_uri, workdir / "mlartifacts")
     env.update({"AWS_ENDPOINT_URL_S3": s3_endpoint, "MLFLOW_TRACKING_URI": mlflow_uri, "HF_HUB_OFFLINE": "1"})
     info.update(s3_endpoint=s3_endpoint, mlflow_uri=mlflow_uri)
     try:
@@ -87,6 +92,18 @@ def services(
     finally:
         if server is not None:
             server.stop()
+
+
+def _local_experiment(tracking_uri: str, artifacts: Path) -> None:
+    """Create the ``seme`` experiment of an embedded store with its artifacts in the work directory
+    (MLflow would otherwise put them under the current directory)."""
+    from mlflow import MlflowClient
+
+    from seme.registry import EXPERIMENT
+
+    c = MlflowClient(tracking_uri=tracking_uri)
+    if c.get_experiment_by_name(EXPERIMENT) is None:
+        c.create_experiment(EXPERIMENT, artifact_location=artifacts.absolute().as_uri())
 
 
 def _ensure_bucket(uri: str, endpoint: str) -> None:
@@ -266,7 +283,7 @@ def run_local(
             except (
                 RuntimeError
             ) as e:  # the local runner's "finished with status FAILURE. Inner task failed: ..."
-                status, error = "FAILED", str(e).strip().splitlines()[0]
+                status, error = "FAILED", re.sub(r"\x1b\[[0-9;]*m", "", str(e).strip().splitlines()[0])
         new = sorted(set(root.glob("*")) - before, key=lambda p: p.stat().st_mtime)
         summary = collect(new[-1]) if new else {"steps": []}
         summary.update(
