@@ -201,6 +201,32 @@ def _cli(argv: list[str]) -> int:
         return int(e.code or 0)
 
 
+def test_localize_config_maps_fetched_uris_and_refuses_mismatches(tmp_path):
+    from components.common import artifact_digest, localize_config, parent_names
+    from seme.errors import ConfigError
+
+    cfg = "merge_method: ties\nbase_model: s3://b/base/\nmodels:\n  - model: s3://b/x\n  - model: s3://b/y\n"
+    fetched = {"s3://b/base": "/art/base", "s3://b/x": "/art/x", "s3://b/y": "/art/y"}
+    out = localize_config(cfg, fetched)
+    assert out["base_model"] == "/art/base" and [m["model"] for m in out["models"]] == ["/art/x", "/art/y"]
+    with pytest.raises(ConfigError, match="s3://b/y, which is not among"):
+        localize_config(cfg, {"s3://b/base": "/a", "s3://b/x": "/b"})
+    with pytest.raises(ConfigError, match="does not use the fetched checkpoint.*s3://b/z"):
+        localize_config(cfg, {**fetched, "s3://b/z": "/art/z"})
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        localize_config("models: [", fetched)
+    assert parent_names(["s3://b/x", "s3://c/x", "s3://b/base", ""]) == ["x", "x-2", "base-2", "source-3"]
+    # a directory digest is independent of file order and changes with any byte
+    d = tmp_path / "ck"
+    (d / "sub").mkdir(parents=True)
+    (d / "a.bin").write_bytes(b"1")
+    (d / "sub" / "b.bin").write_bytes(b"2")
+    first = artifact_digest(d)
+    assert len(first) == 64 and artifact_digest(d) == first
+    (d / "sub" / "b.bin").write_bytes(b"3")
+    assert artifact_digest(d) != first
+
+
 # ------------------------------------------------------------------------------------------------
 # schedule: the real kfp.Client against a stand-in KFP API server (no cluster here)
 # ------------------------------------------------------------------------------------------------
