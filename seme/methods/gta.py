@@ -42,24 +42,50 @@ def rescale_mode(method: str, value: object) -> str | None:
         raise ConfigError(f"{method}: rescale must be true, false or 'exact', got {value!r}") from None
 
 
+_INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+def _kth_largest_key(key: torch.Tensor, k: int, bits: int) -> tuple[torch.Tensor, int, int]:
+    """(t, #entries > t, #entries == t) for t the k-th largest of ``key``: non-negative ints, the bit
+    patterns of |x|, which order like |x|. Radix selection: a histogram of the top 15 bits, then
+    an exact pick inside the one bucket that holds the k-th entry."""
+    shift = bits - 16  # 16 for float32 (31 value bits), 0 for the 16-bit floats (15 value bits)
+    top = key >> shift if shift else key.int()
+    hist = torch.bincount(top, minlength=1 << 15)
+    from_top = hist.flip(0).cumsum(0)
+    i = int(torch.searchsorted(from_top, k))  # first bucket (from the top) reaching k entries
+    bucket = (1 << 15) - 1 - i
+    above = int(from_top[i] - hist[bucket])
+    if not shift:
+        return torch.tensor(bucket, dtype=key.dtype, device=key.device), above, int(hist[bucket])
+    cand = key[top == bucket]
+    thr = torch.kthvalue(cand, cand.numel() - (k - above) + 1).values
+    return thr, above + int((cand > thr).sum()), int((cand == thr).sum())
+
+
 def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of exactly ``k`` entries of largest magnitude (ties at the cut: lowest index).
 
-    Uses a kthvalue threshold (linear-time selection) instead of sorting the whole tensor.
+    Linear time: a radix select on the bit patterns of |x| for float32/bfloat16/float16 (a
+    kthvalue threshold for other dtypes) instead of sorting the whole tensor.
     """
     n = x.numel()
     flat = x.reshape(-1)
     if k >= n:
         return torch.ones_like(flat, dtype=torch.bool).view(x.shape)
-    mag = flat.abs()
-    if mag.device.type == "cpu" and mag.dtype in (torch.bfloat16, torch.float16):
-        mag = mag.float()  # |x| is exact in float32; CPU selection kernels are fastest there
-    thr = torch.kthvalue(mag, n - k + 1).values  # the k-th largest magnitude
-    keep = mag > thr
-    missing = k - int(keep.sum())
-    if missing > 0:  # several entries equal the threshold: keep the first `missing` of them
-        ties = torch.nonzero(mag == thr).squeeze(1)[:missing]
-        keep[ties] = True
+    itype = _INT_VIEW.get(flat.dtype)
+    if itype is not None:
+        nbits = 32 if itype == torch.int32 else 16
+        key = flat.view(itype) & ((1 << (nbits - 1)) - 1)  # clear the sign bit: |x|
+        thr, n_gt, n_eq = _kth_largest_key(key, k, nbits)
+    else:
+        key = flat.abs()
+        thr = torch.kthvalue(key, n - k + 1).values  # the k-th largest magnitude
+        n_gt, n_eq = int((key > thr).sum()), int((key == thr).sum())
+    keep = key >= thr
+    if n_gt + n_eq > k:  # several entries equal the threshold: keep only the first of them
+        ties = torch.nonzero(key == thr).squeeze(1)
+        keep[ties[k - n_gt :]] = False
     return keep.view(x.shape)
 
 
@@ -85,7 +111,7 @@ def magnitude_(delta: torch.Tensor, dens: float, rescale: str | None) -> torch.T
     if dens >= 1.0 or delta.numel() == 0:
         return delta
     before = _l1(delta) if rescale == "l1" else None
-    delta.mul_(topk_mask(delta, max(1, int(dens * delta.numel()))))
+    delta.masked_fill_(topk_mask(delta, max(1, int(dens * delta.numel()))).logical_not_(), 0)
     if rescale == "l1":
         _rescale_l1_(delta, before)
     elif rescale == "exact":
@@ -113,12 +139,33 @@ def dare_(delta: torch.Tensor, dens: float, rescale: str | None, rng: torch.Gene
 
 
 def sign_consensus(deltas: torch.Tensor) -> torch.Tensor:
-    """TIES sign election ('sum'): keep entries whose sign equals that of the column sum.
+    """TIES sign election ('sum'): mask of the entries whose sign equals that of the column sum.
 
     ``deltas`` is (K, ...). A zero sum elects +; zero entries are never kept.
     """
-    positive = deltas.sum(dim=0) >= 0
-    return torch.where(positive, deltas > 0, deltas < 0)
+    return (deltas * elect_sign(deltas)) > 0
+
+
+def elect_sign(deltas: torch.Tensor) -> torch.Tensor:
+    """+1 where Σ_k δ_k ≥ 0, else −1, in the dtype of ``deltas``."""
+    return torch.where(deltas.sum(dim=0) >= 0, 1.0, -1.0).to(deltas.dtype)
+
+
+def disjoint_merge_(deltas: torch.Tensor, weights: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """Σ of the sign-agreeing entries of ``deltas`` (K, ...), ÷ Σ of their weights if ``normalize``.
+
+    Works in place on ``deltas`` with few passes: p = δ·s is positive exactly where δ agrees with
+    the elected sign s, so Σ_k max(p_k, 0)·s is the sum of the kept entries (bit for bit: the same
+    values summed in the same order, only negated), and sign(max(p_k, 0)) is the keep mask.
+    """
+    s = elect_sign(deltas)
+    deltas.mul_(s).clamp_min_(0)
+    mixed = deltas.sum(dim=0).mul_(s)
+    if normalize:
+        divisor = deltas.sign_().mul_(weights).sum(dim=0)  # Σ of the kept models' weights
+        divisor[divisor == 0] = 1
+        mixed.div_(divisor)
+    return mixed
 
 
 def gta_merge(
@@ -160,13 +207,7 @@ def gta_merge(
     deltas.mul_(w)
 
     if consensus:
-        keep = sign_consensus(deltas)
-        deltas.mul_(keep)
-        mixed = deltas.sum(dim=0)
-        if normalize:
-            divisor = (w * keep).sum(dim=0)
-            divisor[divisor == 0] = 1
-            mixed.div_(divisor)
+        mixed = disjoint_merge_(deltas, w, normalize)
     else:
         mixed = deltas.sum(dim=0)
         if normalize:
