@@ -453,25 +453,36 @@ def model_basis(ckpt: Checkpoint, layout: Layout, vocab_map: torch.Tensor | None
     return compute_basis(W, where, ridge=ridge, device=device)
 
 
-def procrustes(bm: SemanticBasis, ba: SemanticBasis, shared: torch.Tensor | None
-               ) -> tuple[torch.Tensor, float, float]:
-    """R = argmin ‖Ŝ_m Rᵀ − Ŝ_a‖_F (orthogonal) over shared tokens.
+def procrustes(models: dict[str, SemanticBasis], ba: SemanticBasis, shared: dict[str, torch.Tensor | None]
+               ) -> dict[str, tuple[torch.Tensor, float, float]]:
+    """R_k = argmin ‖Ŝ_k R_kᵀ − Ŝ_a‖_F (orthogonal) over the tokens each model shares with the anchor.
 
-    Returns (R, RMS row residual with R, RMS row residual with the identity).
+    One pass over token chunks (the anchor's rows are computed once for all models). Returns per model
+    (R, RMS row residual with R, RMS row residual with the identity).
     """
-    d = ba.hidden_size
-    dev = ba.W.device
-    ids = torch.arange(ba.vocab_size, device=dev) if shared is None else torch.nonzero(shared.to(dev)).flatten()
-    C = torch.zeros(d, d, dtype=torch.float64, device=dev)
-    for lo in range(0, ids.numel(), 8192):
-        part = ids[lo : lo + 8192]
-        C += bm.unit_rows(part).T @ ba.unit_rows(part)
-    U, S, Vh = torch.linalg.svd(C)
-    Q = U @ Vh  # minimises ‖Ŝ_m Q − Ŝ_a‖; R = Qᵀ
-    n = float(ids.numel())
-    resid_sq = max(0.0, 2 * n - 2 * float(S.sum()))  # ‖Ŝ_m Q‖² = ‖Ŝ_a‖² = n (unit rows)
-    ident_sq = max(0.0, 2 * n - 2 * float(torch.trace(C)))
-    return Q.T.contiguous(), math.sqrt(resid_sq / max(n, 1.0)), math.sqrt(ident_sq / max(n, 1.0))
+    d, dev = ba.hidden_size, ba.W.device
+    C = {k: torch.zeros(d, d, dtype=torch.float64, device=dev) for k in models}
+    n = {k: 0.0 for k in models}
+    masks = {k: (m.to(dev) if m is not None else None) for k, m in shared.items()}
+    for lo in range(0, ba.vocab_size, 8192):
+        part = torch.arange(lo, min(lo + 8192, ba.vocab_size), device=dev)
+        rows_a = ba.unit_rows(part)
+        for k, bm in models.items():
+            rows_m = bm.unit_rows(part)
+            ra = rows_a
+            if masks[k] is not None:
+                keep = masks[k][part]
+                rows_m, ra = rows_m[keep], rows_a[keep]
+            C[k] += rows_m.T @ ra
+            n[k] += float(ra.shape[0])
+    out = {}
+    for k, Ck in C.items():
+        U, S, Vh = torch.linalg.svd(Ck)
+        Q = U @ Vh  # minimises ‖Ŝ_m Q − Ŝ_a‖; R = Qᵀ
+        resid_sq = max(0.0, 2 * n[k] - 2 * float(S.sum()))  # ‖Ŝ_m Q‖² = ‖Ŝ_a‖² = n (unit rows)
+        ident_sq = max(0.0, 2 * n[k] - 2 * float(torch.trace(Ck)))
+        out[k] = (Q.T.contiguous(), math.sqrt(resid_sq / max(n[k], 1.0)), math.sqrt(ident_sq / max(n[k], 1.0)))
+    return out
 
 
 def _hungarian(cost: torch.Tensor, identity_frac: float) -> tuple[torch.Tensor | None, float]:
@@ -495,12 +506,16 @@ def _cos_rows(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 
 
 def _cos_F_cols(A: torch.Tensor, B: torch.Tensor, F: torch.Tensor) -> torch.Tensor:
-    """cos_F between column blocks: A, B (groups, d, m) -> (groups, groups)."""
-    Fa = torch.einsum("de,gem->gdm", F, A)
-    Fb = torch.einsum("de,gem->gdm", F, B)
-    num = torch.einsum("gdm,hdm->gh", A, Fb)
-    na = (A * Fa).sum(dim=(1, 2)).clamp_min(1e-30).sqrt()
-    nb = (B * Fb).sum(dim=(1, 2)).clamp_min(1e-30).sqrt()
+    """cos_F between column blocks: A, B (groups, d, m) -> (groups, groups), as plain matmuls."""
+    g, d, m = A.shape
+    A2 = A.permute(1, 0, 2).reshape(d, g * m)
+    B2 = B.permute(1, 0, 2).reshape(d, -1)
+    FA = (F @ A2).reshape(d, g, m).permute(1, 0, 2).reshape(g, d * m)
+    FB = (F @ B2).reshape(d, -1, m).permute(1, 0, 2).reshape(B.shape[0], d * m)
+    Af, Bf = A.reshape(g, d * m), B.reshape(B.shape[0], d * m)
+    num = Af @ FB.T
+    na = (Af * FA).sum(1).clamp_min(1e-30).sqrt()
+    nb = (Bf * FB).sum(1).clamp_min(1e-30).sqrt()
     return num / (na[:, None] * nb[None, :])
 
 
@@ -548,13 +563,19 @@ def _attn_vectors(view: ModelView, layer: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def match_layer(anchor: ModelView, model: ModelView, layer: int, F: torch.Tensor,
-                identity_frac: float) -> dict[str, Any]:
-    """Hungarian matching of MLP neurons and KV groups of ``layer``; sets model.al perms in place."""
+                identity_frac: float, cache: dict[Any, Any] | None = None) -> dict[str, Any]:
+    """Hungarian matching of MLP neurons and KV groups of ``layer``; sets model.al perms in place.
+
+    ``cache`` keeps the anchor's vectors between calls for several models.
+    """
     out: dict[str, Any] = {}
+    cache = {} if cache is None else cache
     F32 = F.to(device=anchor.device, dtype=torch.float32)
     for kind, fn, store in (("mlp", _mlp_vectors, model.al.mlp_perm), ("attn", _attn_vectors, model.al.attn_perm)):
         store.pop(layer, None)
-        va, vm = fn(anchor, layer), fn(model, layer)
+        if (kind, layer) not in cache:
+            cache[(kind, layer)] = fn(anchor, layer)
+        va, vm = cache[(kind, layer)], fn(model, layer)
         if va is None or vm is None:
             continue
         ra, wa = va
@@ -596,10 +617,12 @@ def task_vectors(views: list[ModelView], base_view: ModelView | None, name: str
 
 
 def _task_stats(views: list[ModelView], base_view: ModelView | None, names: list[str], arch: Architecture,
-                F: torch.Tensor) -> dict[str, dict[str, Any]]:
-    """Per module: semantic Gram matrix of the task vectors and ‖θ_0‖²_sem (Select's inputs, §4)."""
+                F: torch.Tensor, stats: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per module: semantic Gram matrix of the task vectors and ‖θ_0‖²_sem (Select's inputs, §4).
+
+    Accumulates into ``stats`` (so it can run layer by layer).
+    """
     K = len(views)
-    stats: dict[str, dict[str, Any]] = {}
     F32 = F.to(device=views[0].device, dtype=torch.float32)
     for name in names:
         role = arch.role(name)
@@ -628,11 +651,11 @@ def _task_stats(views: list[ModelView], base_view: ModelView | None, names: list
                                     "first": name, "tensors": 0})
         for j in range(K):
             for k in range(j, K):
-                g = float((deltas[j] * Fd[k]).sum(dtype=torch.float64))
+                g = float(torch.dot(deltas[j].reshape(-1), Fd[k].reshape(-1)))
                 st["gram"][j, k] += g
                 if j != k:
                     st["gram"][k, j] += g
-        st["base_sq"] += float((t0 * apply(t0)).sum(dtype=torch.float64))
+        st["base_sq"] += float(torch.dot(t0.reshape(-1), apply(t0).reshape(-1)))
         st["tensors"] += 1
     return stats
 
@@ -737,11 +760,11 @@ def compute_alignment(cfg: Any, sources: list[Checkpoint], base: Checkpoint | No
     t = time.perf_counter()
     rot_records: dict[str, Any] = {}
     rotations: dict[str, torch.Tensor] = {}
-    for key, _ck in models:
-        if key == anchor_key:
-            continue
-        vmap = als[key].vocab_map
-        R, resid, resid_id = procrustes(bases[key], ba, None if vmap is None else vmap >= 0)
+    others = [key for key in keys if key != anchor_key]
+    fits = procrustes({k: bases[k] for k in others}, ba,
+                      {k: (None if als[k].vocab_map is None else als[k].vocab_map >= 0) for k in others})
+    for key in others:
+        R, resid, resid_id = fits[key]
         dev_ = float((R - torch.eye(d, dtype=R.dtype, device=R.device)).norm())
         rotations[key] = R
         rot_records[key] = {"deviation_from_identity": dev_, "procrustes_residual": resid,
@@ -777,17 +800,27 @@ def compute_alignment(cfg: Any, sources: list[Checkpoint], base: Checkpoint | No
     views = {key: ModelView(ck, layout, als[key], device=device) for key, ck in models}
     F = ba.F
     perm_records: dict[str, dict[str, Any]] = {key: {} for key in keys}
+    src_views = [views[str(i)] for i in range(len(sources))]
+    base_view = views["base"] if base is not None else None
+    by_layer: dict[int | None, list[str]] = {}
+    for n in anchor.names:
+        by_layer.setdefault(arch.role(n).layer, []).append(n)
+    stats: dict[str, dict[str, Any]] = {}
+    t_stats = 0.0
     for layer in range(arch.num_layers):
+        cache: dict[Any, Any] = {}
         for key in keys:
             if key != anchor_key:
                 perm_records[key][str(layer)] = match_layer(views[anchor_key], views[key], layer, F,
-                                                            s.perm_identity)
-    timings["permutations_s"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    src_views = [views[str(i)] for i in range(len(sources))]
-    stats = _task_stats(src_views, views["base"] if base is not None else None, anchor.names, arch, F)
-    timings["select_stats_s"] = time.perf_counter() - t
+                                                            s.perm_identity, cache)
+        ts = time.perf_counter()
+        _task_stats(src_views, base_view, by_layer.pop(layer, []), arch, F, stats)
+        t_stats += time.perf_counter() - ts
+    ts = time.perf_counter()
+    _task_stats(src_views, base_view, [n for names in by_layer.values() for n in names], arch, F, stats)
+    t_stats += time.perf_counter() - ts
+    timings["select_stats_s"] = t_stats
+    timings["permutations_s"] = time.perf_counter() - t - t_stats
 
     # Token subset T (anchor ids every source has).
     shared = torch.ones(va, dtype=torch.bool)

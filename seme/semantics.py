@@ -78,7 +78,7 @@ def effective_readout(head: torch.Tensor, final_gain: torch.Tensor | None, norm_
 
 
 def compute_basis(W: torch.Tensor, where: str, ridge: float = 1e-6, device: str = "cpu",
-                  probe: int = 1024) -> SemanticBasis:
+                  probe: int = 256) -> SemanticBasis:
     """Semantic bases of an effective readout W (V×d): a float64 d×d solve.
 
     Raises AlignmentError when W is rank-deficient (a singular LM head has no semantic bases: some
@@ -117,10 +117,12 @@ def compute_basis(W: torch.Tensor, where: str, ridge: float = 1e-6, device: str 
     # Check (§2): argmax_j s_i·w_j = i for nearly all i, on an evenly spaced probe of tokens.
     idx = torch.arange(0, V, max(1, V // probe), device=W.device)[:probe]
     hits = 0
+    W32 = W.float()
     for lo in range(0, idx.numel(), 256):
         part = idx[lo : lo + 256]
-        scores = (W[part] @ minv) @ W.T
+        scores = (W[part] @ minv).float() @ W32.T  # a check: float32 is plenty
         hits += int((scores.argmax(dim=1) == part).sum())
+    del W32
     return SemanticBasis(
         W=W.float(), minv=minv, inv_norm=inv_norm, F=0.5 * (F + F.T), eps=eps, rank=rank,
         self_recovery=hits / max(1, idx.numel()), source=where,

@@ -1,7 +1,8 @@
 """SeMe speed benchmark: align (no Erase) and the full merge (with Erase) on real-size shapes.
 
-Three random checkpoints of one shape (independent initialisations, so the alignment has real work:
-a rotation with norm folding and non-identity permutations in every layer). Targets on 2 CPU cores
+Three random checkpoints of one shape: a random model and two function-equivalent copies of it in other
+coordinates (rotated residual, folded norms, permuted neurons and KV groups) with 1% noise, so the
+alignment does all of its work (a rotation with norm folding, non-identity permutations in every layer). Targets on 2 CPU cores
 for SmolLM2-135M's shape: align ≤ 60 s, full merge (alignment inline + Erase over 8192 tokens) ≤ 5 min.
 
     nice python tests/benchmarks/bench_seme.py --out /tmp/bench_seme [--device cuda] [--shape qwen2.5-1.5b]
@@ -63,6 +64,48 @@ def make_checkpoint(out: Path, shape: dict, seed: int) -> Path:
     return out
 
 
+def transformed_variant(src: Path, out: Path, shape: dict, seed: int, noise: float = 0.01) -> Path:
+    """A function-equivalent copy of ``src`` in other coordinates, plus fine-tune-like noise.
+
+    Norm gains folded into the reads, residual rotated by a random orthogonal Q, MLP neurons and KV
+    groups permuted: the alignment has to undo all of it (the heavy path of ``seme align``).
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(src / "model.safetensors"))
+    g = torch.Generator().manual_seed(1000 + seed)
+    d, inter = shape["hidden_size"], shape["intermediate_size"]
+    nh, nkv = shape["num_attention_heads"], shape["num_key_value_heads"]
+    hd, r = d // nh, nh // nkv
+    q, rr = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    Q = (q * torch.sign(torch.diagonal(rr))[None, :]).float()
+    sd["model.embed_tokens.weight"] = sd["model.embed_tokens.weight"] @ Q.T
+    for i in range(shape["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        ln, pn = p + "input_layernorm.weight", p + "post_attention_layernorm.weight"
+        pi = torch.randperm(inter, generator=g)
+        gp = torch.randperm(nkv, generator=g)
+        qrows = (((gp[:, None] * r + torch.arange(r)).reshape(-1))[:, None] * hd + torch.arange(hd)).reshape(-1)
+        kvrows = (gp[:, None] * hd + torch.arange(hd)).reshape(-1)
+        for u, rows in (("q", qrows), ("k", kvrows), ("v", kvrows)):
+            w = p + f"self_attn.{u}_proj.weight"
+            sd[w] = ((sd[w] * sd[ln][None, :]) @ Q.T)[rows]
+        for u in ("gate", "up"):
+            w = p + f"mlp.{u}_proj.weight"
+            sd[w] = ((sd[w] * sd[pn][None, :]) @ Q.T)[pi]
+        sd[ln], sd[pn] = torch.ones(d), torch.ones(d)
+        sd[p + "self_attn.o_proj.weight"] = (Q @ sd[p + "self_attn.o_proj.weight"])[:, qrows]
+        sd[p + "mlp.down_proj.weight"] = (Q @ sd[p + "mlp.down_proj.weight"])[:, pi]
+    for k, v in sd.items():
+        if v.dim() == 2:
+            sd[k] = v + noise * float(v.std()) * torch.randn(v.shape, generator=g)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text((src / "config.json").read_text())
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench_seme_out")
@@ -84,7 +127,8 @@ def main() -> None:
     work = out / f"models-{args.shape}"
     out.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
-    models = [make_checkpoint(work / f"m{i}", SHAPES[args.shape], seed=i) for i in range(3)]
+    m0 = make_checkpoint(work / "m0", SHAPES[args.shape], seed=0)
+    models = [m0] + [transformed_variant(m0, work / f"m{i}", SHAPES[args.shape], seed=i) for i in (1, 2)]
     t_make = time.perf_counter() - t
     cfg = load_config({"merge_method": "seme", "models": [{"model": str(m)} for m in models],
                        "parameters": {"tokens": args.tokens}})
