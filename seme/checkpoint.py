@@ -3,12 +3,20 @@
 The reader opens every safetensors file once (memory-mapped) and hands out one tensor at a time.
 The writer knows every output tensor's shape and dtype up front (the merge plan), so it can write
 each shard's header first and then stream tensor bytes into place as they are computed: peak memory
-stays at one tensor, not one shard, and the files are written sequentially.
+stays at one tensor, not one shard, and the files are written sequentially (and hashed on the way,
+so the manifest's sha256 needs no second read of the output).
+
+Reads are zero-copy where possible: ``Checkpoint.view`` returns a tensor over a copy-on-write memory
+map of the file (no memcpy, page cache shared), and ``Checkpoint.release`` drops those pages from
+the process again (``MADV_DONTNEED``) once the executor is done with a tensor, so resident memory
+stays at the tensors in flight instead of growing to the size of the inputs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import mmap
 import os
 import shutil
 import struct
@@ -68,10 +76,43 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
         raise CheckpointError(f"unknown dtype {name!r}; valid: {', '.join(DTYPES)}") from None
 
 
+class _MappedFile:
+    """One safetensors file mapped copy-on-write, with each tensor's absolute byte range.
+
+    ``ACCESS_COPY`` makes the mapping writable (``torch.frombuffer`` wants that) while no write can
+    ever reach the file: a stray in-place op would only touch private pages of this process.
+    """
+
+    def __init__(self, path: Path) -> None:
+        with open(path, "rb") as fh:
+            n = struct.unpack("<Q", fh.read(8))[0]
+            header = json.loads(fh.read(n))
+            size = os.fstat(fh.fileno()).st_size
+            self.mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + n else None
+        start = 8 + n
+        self.ranges: dict[str, tuple[int, int]] = {
+            k: (start + v["data_offsets"][0], start + v["data_offsets"][1])
+            for k, v in header.items()
+            if k != "__metadata__"
+        }
+
+    def release(self, begin: int, end: int) -> None:
+        """Drop the pages of ``[begin, end)`` from this process (they stay in the page cache)."""
+        if self.mm is None or end <= begin:
+            return
+        lo = begin - begin % mmap.PAGESIZE
+        try:
+            self.mm.madvise(mmap.MADV_DONTNEED, lo, end - lo)
+        except (OSError, ValueError):  # pragma: no cover - madvise is advisory
+            pass
+
+
 class Checkpoint:
     """A Hugging Face checkpoint directory, read lazily tensor by tensor.
 
-    ``get(name)`` memory-maps the tensor's file and copies out just that tensor. Pickle checkpoints
+    ``get(name)`` returns an independent copy of one tensor; ``view(name)`` returns it without a
+    copy, straight over the memory map (treat it as read-only), and ``release(name)`` gives its
+    pages back once it is no longer needed (a later access just faults them in again). Pickle checkpoints
     (``pytorch_model.bin``) are refused unless ``allow_pickle``; when allowed they are loaded with
     ``torch.load(weights_only=True, mmap=True)``.
     """
@@ -92,6 +133,7 @@ class Checkpoint:
         self._where: dict[str, Path] = {}
         self._meta: dict[str, tuple[str, tuple[int, ...]]] = {}
         self._handles: dict[Path, Any] = {}
+        self._maps: dict[Path, _MappedFile] = {}
         self._pickle: dict[str, torch.Tensor] | None = None
         self.files: list[Path] = self._discover(allow_pickle)
         self.names: list[str] = list(self._where)
@@ -142,9 +184,11 @@ class Checkpoint:
                 sl = h.get_slice(name)
                 self._meta[name] = (sl.get_dtype(), tuple(sl.get_shape()))
                 self._where[name] = f
+            mapped = _MappedFile(f)  # safe_open has validated the header and the offsets
         except Exception as e:  # safetensors raises SafetensorError / OSError with terse text
             raise CheckpointError(f"{f}: corrupt or truncated safetensors file ({e})") from None
         self._handles[f] = h
+        self._maps[f] = mapped
 
     def _load_pickles(self, files: list[Path]) -> list[Path]:
         self._pickle = {}
@@ -201,8 +245,38 @@ class Checkpoint:
         except Exception as e:
             raise CheckpointError(f"{f}: cannot read tensor {name} ({e})") from None
 
+    def view(self, name: str) -> torch.Tensor:
+        """One tensor without a copy, over the memory map. Do not modify it; see ``release``."""
+        self._check(name)
+        f = self._where[name]
+        mapped = self._maps.get(f)
+        dtype = _ST_TO_TORCH.get(self._meta[name][0])
+        if mapped is None or mapped.mm is None or dtype is None:
+            return self.get(name)  # pickle, or a dtype torch cannot view: the copying path
+        begin, end = mapped.ranges[name]
+        if end == begin or begin % dtype.itemsize:
+            return self.get(name)
+        t = torch.frombuffer(mapped.mm, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=begin)
+        return t.view(self._meta[name][1])
+
+    def release(self, name: str, rows: tuple[int, int] | None = None) -> None:
+        """Give the pages of ``name`` (or of its rows ``[r0, r1)``) back to the OS; views stay valid.
+
+        The pages stay in the page cache: touching the view again just maps them back in.
+        """
+        mapped = self._maps.get(self._where.get(name))  # type: ignore[arg-type]
+        if mapped is None or name not in mapped.ranges:
+            return
+        begin, end = mapped.ranges[name]
+        shape = self._meta[name][1]
+        if rows is not None and shape and shape[0]:
+            row_bytes = (end - begin) // shape[0]
+            begin, end = begin + rows[0] * row_bytes, begin + min(rows[1], shape[0]) * row_bytes
+        mapped.release(begin, end)
+
     def close(self) -> None:
         self._handles.clear()
+        self._maps.clear()  # the maps close once no view refers to them
         self._pickle = None
 
 
@@ -217,8 +291,18 @@ def open_checkpoint(path_or_uri: str | os.PathLike, allow_pickle: bool = False) 
 
 
 def check_finite(name: str, t: torch.Tensor, where: str) -> None:
-    """Raise if ``t`` holds NaN or Inf, naming the tensor and file."""
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    """Raise if ``t`` holds NaN or Inf, naming the tensor and file.
+
+    Fast path: one sum (a plain reduction, no n-byte mask; bf16 accumulates in float32 inside).
+    A NaN or Inf anywhere makes the sum non-finite, so a finite sum proves the tensor finite; a
+    non-finite sum (also possible from overflow of huge finite values) falls back to the exact test.
+    """
+    if not t.is_floating_point() or t.numel() == 0:
+        return
+    total = t.sum(dtype=torch.float32) if t.dtype == torch.float16 else t.sum()  # fp16 overflows early
+    if bool(torch.isfinite(total)):
+        return
+    if not bool(torch.isfinite(t).all()):
         bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
         raise CheckpointError(f"{where}: tensor {name} contains {bad} values")
 
@@ -242,7 +326,8 @@ class CheckpointWriter:
     most ``max_shard_bytes`` (a tensor larger than that gets its own shard). Each shard file is
     created with its header and the full size; ``write(name, tensor)`` puts the bytes at their
     offset. One shard gives ``model.safetensors``; several give ``model-0000i-of-0000N.safetensors``
-    and the index file.
+    and the index file. While tensors arrive in plan order (the executor's order) each shard is
+    hashed as it is written; ``sha256s()`` returns those digests.
     """
 
     def __init__(
@@ -270,6 +355,7 @@ class CheckpointWriter:
         )
         self.slots: dict[str, _Slot] = {}
         self._files = []
+        self._hashes: list[Any] = []  # per shard: [sha256 object | None, next data offset, data size]
         self._expected: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         for i, group in enumerate(groups):
             header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
@@ -289,6 +375,7 @@ class CheckpointWriter:
             base = fh.tell()
             fh.truncate(base + off)
             self._files.append((fh, base))
+            self._hashes.append([hashlib.sha256(struct.pack("<Q", len(raw)) + raw), 0, off])
         self._written: set[str] = set()
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -302,7 +389,21 @@ class CheckpointWriter:
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         fh.seek(base + slot.begin)
         fh.write(memoryview(data))
+        hs = self._hashes[slot.shard]
+        if hs[0] is not None and hs[1] == slot.begin:
+            hs[0].update(memoryview(data))  # hashlib releases the GIL on large buffers
+            hs[1] = slot.end
+        else:
+            hs[0] = None  # out of order: the file is hashed by reading it back
         self._written.add(name)
+
+    def sha256s(self) -> dict[str, str]:
+        """sha256 of every shard that was written in order from start to end."""
+        return {
+            self.filenames[i]: h.hexdigest()
+            for i, (h, pos, size) in enumerate(self._hashes)
+            if h is not None and pos == size
+        }
 
     def close(self) -> list[str]:
         """Close the files; write the index for sharded output. Returns the file names."""
@@ -349,10 +450,14 @@ def copy_side_files(src: Path, dst: Path, config: dict[str, Any] | None = None) 
     return copied
 
 
-def file_records(root: Path, names: Iterable[str]) -> list[dict[str, Any]]:
-    """``[{"path", "sha256", "bytes"}]`` for files under ``root`` (the manifest's file list)."""
+def file_records(root: Path, names: Iterable[str], known: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """``[{"path", "sha256", "bytes"}]`` for files under ``root`` (the manifest's file list).
+
+    ``known`` maps file names to digests already computed (the writer's streaming hashes).
+    """
+    known = known or {}
     out = []
     for n in sorted(names):
         p = root / n
-        out.append({"path": n, "sha256": sha256_file(p), "bytes": p.stat().st_size})
+        out.append({"path": n, "sha256": known.get(n) or sha256_file(p), "bytes": p.stat().st_size})
     return out

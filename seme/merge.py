@@ -1,9 +1,11 @@
 """The merge executor: streams tensors from the inputs, through a method, into the output.
 
-It does all the I/O and knows nothing of methods: for each output tensor it loads that tensor from
-every input (prefetching the next one on a thread while the current one is computed), calls the
-method's pure function, casts to the output dtype and writes the bytes into the pre-planned shard.
-Peak memory stays near (K + 1) tensors plus the prefetch.
+It does all the I/O and knows nothing of methods: for each output tensor it maps that tensor from
+every input without a copy (a prefetch thread checks the next one for NaN/Inf, which also faults
+its pages in, while the current one is computed), calls the method's pure function, casts to the
+output dtype and hands the result to a writer thread, which writes (and hashes) it into the
+pre-planned shard and then releases the inputs' pages. Three stages overlap: read, compute, write.
+Peak memory stays near (K + 1) tensors plus the prefetch, whatever the model size.
 """
 
 from __future__ import annotations
@@ -37,6 +39,12 @@ from seme.config import MergeConfig, ParamResolver
 from seme.errors import CheckpointError, ConfigError
 from seme.fsutil import atomic_dir, sha256_file
 
+HASH_CACHE_ENV = "SEME_HASH_CACHE"  # directory of cached input digests; "off" disables the cache
+#: Methods whose output entry depends only on the same entry of the inputs. Their large tensors are
+#: merged in row blocks of about CHUNK_BYTES, so temporaries (e.g. a float32 accumulator) stay small.
+ELEMENTWISE = frozenset({"linear", "task_arithmetic"})
+CHUNK_BYTES = 16 << 20
+
 log = logging.getLogger(__name__)
 
 
@@ -64,6 +72,21 @@ def resolve_device(device: str) -> torch.device:
     if device not in ("cpu",) and not device.startswith("cuda"):
         raise ConfigError(f"unknown device {device!r}; use cpu, cuda or auto")
     return torch.device(device)
+
+
+def limit_heap_retention(threshold: int = 1 << 20) -> None:
+    """Serve allocations of ``threshold`` bytes and more with mmap, so freed tensors leave RSS.
+
+    glibc raises its mmap threshold dynamically (up to 32 MiB) after large frees and then keeps
+    freed tensor buffers in per-thread heaps; with three threads (prefetch, compute, write) that
+    retained memory alone was ~150 MB. Fixing the threshold turns that off. No-op off glibc.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, threshold)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        pass
 
 
 def peak_rss_bytes() -> int:
@@ -121,6 +144,38 @@ def check_compatible(cks: list[Checkpoint]) -> None:
             raise CheckpointError(f"{ck.path}: tensor {sorted(extra)[0]} is not present in {ref.path}")
 
 
+def cached_sha256(f: Path) -> str:
+    """sha256 of an input file, cached by (path, size, mtime, ctime, inode) like git's stat cache.
+
+    Inputs are often merged many times (parameter sweeps); re-hashing gigabytes each time would cost
+    more CPU than the merge itself. Any change to the file changes its ctime, so a stale digest is
+    never reused. ``$SEME_HASH_CACHE`` sets the cache directory (``off`` disables it).
+    """
+    where = os.environ.get(HASH_CACHE_ENV, "")
+    if where.lower() in ("off", "0", "false", "no"):
+        return sha256_file(f)
+    st = f.stat()
+    stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+    real = str(f.resolve())
+    cache_dir = Path(where or Path.home() / ".cache" / "seme" / "sha256").expanduser()
+    entry = cache_dir / (hashlib.sha256(real.encode()).hexdigest()[:32] + ".json")
+    try:
+        rec = json.loads(entry.read_text())
+        if rec.get("path") == real and rec.get("stamp") == stamp:
+            return str(rec["sha256"])
+    except (OSError, ValueError, KeyError, AttributeError):
+        pass
+    digest = sha256_file(f)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = entry.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"path": real, "stamp": stamp, "sha256": digest}))
+        os.replace(tmp, entry)
+    except OSError:  # an unwritable cache only costs time
+        pass
+    return digest
+
+
 class _InputHasher:
     """Hashes input files on a background thread (hashlib releases the GIL) during the merge."""
 
@@ -136,7 +191,7 @@ class _InputHasher:
             if str(ck.path) in seen:
                 continue
             seen.add(str(ck.path))
-            files = [{"path": f.name, "sha256": sha256_file(f), "bytes": f.stat().st_size} for f in ck.files]
+            files = [{"path": f.name, "sha256": cached_sha256(f), "bytes": f.stat().st_size} for f in ck.files]
             self.result.append({"uri": uri, "local_path": str(ck.path), "files": files})
 
     def join(self) -> list[dict[str, Any]]:
@@ -157,6 +212,7 @@ def run_merge(
 ) -> MergeResult:
     """Merge per ``cfg`` into the Hugging Face checkpoint directory ``out_dir``."""
     t0 = time.perf_counter()
+    limit_heap_retention()
     spec = methods.get(cfg.merge_method)
     dev = resolve_device(device)
     compute_dtype = parse_dtype(cfg.dtype)
@@ -186,10 +242,13 @@ def run_merge(
         plan.append((n, anchor.shape(n), od))
     resolver = ParamResolver(cfg, spec.global_params, spec.model_params)
 
+    inputs = list({id(c): c for c in ([base] if base else []) + sources}.values())
+
     def load(name: str) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         def one(ck: Checkpoint) -> torch.Tensor:
-            t = ck.get(name)
-            check_finite(name, t, str(ck.file_of(name)))
+            t = ck.view(name)  # zero-copy; methods never modify their inputs
+            check_finite(name, t, str(ck.file_of(name)))  # reads every page: warms the page cache
+            ck.release(name)  # ...but the pages join our RSS only while the tensor is computed
             if t.is_floating_point():
                 t = t.to(device=dev, dtype=compute_dtype)
             return t
@@ -197,13 +256,21 @@ def run_merge(
         b = one(base) if base is not None else None
         return b, [b if (base is not None and s is base) else one(s) for s in sources]
 
+    def store(name: str, merged: torch.Tensor) -> None:
+        writer.write(name, merged)
+        if seme_merger is None:
+            for ck in inputs:  # done with this tensor: its input pages leave our RSS
+                ck.release(name)
+
     written = 0
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         writer = CheckpointWriter(tmp, plan, cfg.shard_bytes())
         try:
             bar = _progress(len(plan), progress)
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="seme-prefetch") as pool:
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="seme-prefetch") as pool, \
+                    ThreadPoolExecutor(max_workers=1, thread_name_prefix="seme-write") as wpool:
                 nxt: Future | None = None if seme_merger else pool.submit(load, plan[0][0])
+                pending: Future | None = None
                 for i, (name, _shape, od) in enumerate(plan):
                     if seme_merger is not None:
                         merged = seme_merger.merge_tensor(name)
@@ -217,12 +284,21 @@ def run_merge(
                             gp = resolver.global_params(name, t)
                             mp = [resolver.model_params(k, name, t) for k in range(len(sources))]
                             rng = torch.Generator(device=dev).manual_seed(tensor_seed(cfg.seed, name))
-                            merged = spec.fn(b, ts, mp, gp, rng)
+                            if spec.name in ELEMENTWISE and _nbytes(ts[0]) > CHUNK_BYTES and ts[0].dim() > 1:
+                                merged = _merge_rows(spec.fn, b, ts, mp, gp, rng, od, name, inputs)
+                            else:
+                                merged = spec.fn(b, ts, mp, gp, rng)
+                        del b, ts
                     merged = merged.to(dtype=od)
                     check_finite(name, merged, "merge result")
-                    writer.write(name, merged)
+                    if pending is not None:  # at most one write in flight: bounded memory
+                        pending.result()
+                    pending = wpool.submit(store, name, merged)
                     written += merged.numel() * merged.element_size()
+                    del merged
                     bar.update(1)
+                if pending is not None:
+                    pending.result()
             bar.close()
             files = writer.close()
         except BaseException:
@@ -261,11 +337,33 @@ def run_merge(
             **({"seme": extra} if extra else {}),
         }
         (tmp / "README.md").write_text(model_card(manifest))
-        manifest["files"] = file_records(tmp, [*files, *side, "README.md"])
+        manifest["files"] = file_records(tmp, [*files, *side, "README.md"], known=writer.sha256s())
         (tmp / "seme_manifest.json").write_text(json.dumps(manifest, indent=2))
     for ck in {id(c): c for c in ([base] if base else []) + sources}.values():
         ck.close()
     return MergeResult(Path(out_dir), manifest, seconds, manifest["peak_rss_bytes"], len(plan), written, extra)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _merge_rows(fn, b, ts, mp, gp, rng, od: torch.dtype, name: str, inputs: list[Checkpoint]) -> torch.Tensor:
+    """An element-wise method applied block of rows by block of rows into one output tensor.
+
+    Each block's input pages are released as soon as it is done, so resident memory is the output
+    plus one block's worth of inputs and temporaries, not K whole tensors and a float32 copy.
+    """
+    rows = ts[0].shape[0]
+    step = max(1, CHUNK_BYTES // max(1, _nbytes(ts[0]) // rows))
+    out = torch.empty(ts[0].shape, dtype=od, device=ts[0].device)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        bb = b[r0:r1] if b is not None else None
+        out[r0:r1] = fn(bb, [bb if t is b else t[r0:r1] for t in ts], mp, gp, rng)
+        for ck in inputs:
+            ck.release(name, (r0, r1))
+    return out
 
 
 def _tokenizer_source(cfg: MergeConfig, sources: list[Checkpoint], base: Checkpoint | None) -> Checkpoint:
