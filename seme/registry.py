@@ -159,8 +159,16 @@ def _experiment_id(c: Any, uri: str) -> str:
 
 def read_manifest(model_dir: str | os.PathLike) -> dict[str, Any]:
     """The merged checkpoint's ``seme_manifest.json`` ({} when absent or the dir is remote)."""
+    if str(model_dir).startswith("s3://"):
+        from seme.errors import StorageError
+        from seme.storage import get_manifest
+
+        try:
+            return get_manifest(str(model_dir)) or {}
+        except StorageError as e:
+            raise RegistryError(f"cannot read the manifest of {model_dir}: {e}") from None
     p = Path(model_dir) / "seme_manifest.json"
-    if str(model_dir).startswith("s3://") or not p.is_file():
+    if not p.is_file():
         return {}
     try:
         return json.loads(p.read_text())

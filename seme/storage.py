@@ -179,7 +179,7 @@ def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def _locked(path: Path, remove: bool = False) -> Iterator[None]:
     """Exclusive lock so two processes fetching the same URI do not write the same files."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as fh:
@@ -187,6 +187,8 @@ def _locked(path: Path) -> Iterator[None]:
         try:
             yield
         finally:
+            if remove:  # no lock litter next to a user's directory (a waiter then re-checks the dir)
+                path.unlink(missing_ok=True)
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
@@ -401,7 +403,7 @@ def fetch(
         final = _cache_root(cache_dir).absolute() / bucket / f"{prefix.replace('/', '__') or '_root'}-{key}"
     staging = final.parent / f".{final.name}.partial-{key}"
 
-    with _locked(final.parent / f".{final.name}.lock"):
+    with _locked(final.parent / f".{final.name}.lock", remove=dest is not None):
         if final.exists():
             if _cached_ok(final, key):
                 log.info("%s: cached at %s", uri, final)
@@ -472,6 +474,27 @@ def fetch(
         staging.rename(final)
     log.info("%s: fetched %d files (%d bytes), verified against %s", uri, len(got), total, ref_name)
     return final
+
+
+def get_manifest(uri: str, endpoint_url: str | None = None) -> dict[str, Any] | None:
+    """The ``seme_manifest.json`` of a published prefix (one small GET), or None when it has none."""
+    from botocore.exceptions import ClientError
+
+    bucket, prefix = parse_uri(uri)
+    key = f"{prefix}/{MANIFEST}" if prefix else MANIFEST
+    s3 = _client(endpoint_url, pool=2)
+    try:
+        raw = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except ClientError as e:
+        if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+            return None
+        raise _describe(e, f"s3://{bucket}/{key}", endpoint_url) from None
+    except _boto_errors() as e:
+        raise _describe(e, f"s3://{bucket}/{key}", endpoint_url) from None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise StorageError(f"s3://{bucket}/{key}: not valid JSON") from None
 
 
 def _cached_ok(path: Path, key: str) -> bool:

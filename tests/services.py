@@ -73,7 +73,7 @@ def _wait_http(url: str, proc: subprocess.Popen | None, timeout: float, what: st
     raise RuntimeError(f"{what} did not answer at {url} within {timeout:.0f} s:\n{tail}")
 
 
-def stop_pid(pid: int, timeout: float = 10.0) -> None:
+def stop_pid(pid: int, timeout: float = 5.0) -> None:
     """Stop the process group led by ``pid`` (the server and any workers it forked), by PID."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:

@@ -282,3 +282,19 @@ def test_concurrent_registrations_get_distinct_versions(tmp_path, uri, name):
     assert sorted(versions, key=int) == ["1", "2", "3", "4"]
     mvs = client(uri).search_model_versions(f"name = '{name}'")
     assert len(mvs) == 4 and len({m.tags["seme.registration_id"] for m in mvs}) == 4
+
+
+def test_register_a_published_s3_checkpoint_as_is(tmp_path, uri, name, s3_server, monkeypatch):
+    import boto3
+
+    from seme.storage import publish
+
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket="seme-models")
+    model = merged_dir(tmp_path / "m")
+    publish(model, f"s3://seme-models/{name}/v1", endpoint_url=s3_server)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_server)
+    v = register_model(f"s3://seme-models/{name}/v1", name, gate_passed=True)
+    mv = client(uri).get_model_version(name, v)
+    assert mv.source == f"s3://seme-models/{name}/v1"  # no copy: the version points at the published prefix
+    assert mv.tags["seme.method"] == "ties" and len(json.loads(mv.tags["seme.sources"])) == 2
+    assert aliases(name) == {PILOT: v}
