@@ -59,7 +59,8 @@ def register(spec: MethodSpec) -> MethodSpec:
     with _LOCK:
         old = _REGISTRY.get(spec.name)
         if old is not None and old.fn is not spec.fn:
-            raise ValueError(f"merge method {spec.name!r} is already registered by {old.fn.__module__}")
+            owner = getattr(getattr(old.fn, "func", old.fn), "__module__", "?")  # unwrap partials
+            raise ValueError(f"merge method {spec.name!r} is already registered by {owner}")
         _REGISTRY[spec.name] = spec
     return spec
 

@@ -2,7 +2,7 @@
 
     θ = Σ_i w_i θ_i / Σ_i w_i        (without normalize: Σ_i w_i θ_i)
 
-As mergekit 0.1.5 does (merge_methods/linear.py:26-38), it accumulates in float32 (float64 for
+As mergekit 0.1.5 does (merge_methods/linear.py:20-38), it accumulates in float32 (float64 for
 float64 inputs) whatever the compute dtype, and rounds once at the end. The base model plays no
 special part: it is averaged only if it is listed under ``models``.
 """

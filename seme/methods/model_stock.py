@@ -7,7 +7,7 @@ of the δ_i (each clamped to [−1, 1], norms product clamped below at 1e-6):
     t = N·cos θ / (1 + (N−1)·cos θ),     θ = t·mean_i(θ_i) + (1 − t)·θ_0
 
 where 1 + (N−1)·cos θ is (numerically) zero, t = 0 (keep the base). Per whole tensor, or per row
-with ``filter_wise: true``. Same steps and dtype as mergekit 0.1.5 (merge_methods/model_stock.py:24-65).
+with ``filter_wise: true``. Same steps and dtype as mergekit 0.1.5 (merge_methods/model_stock.py:25-65).
 """
 
 from __future__ import annotations

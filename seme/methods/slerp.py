@@ -1,6 +1,6 @@
 """SLERP: spherical interpolation between the base model and one other model.
 
-Per tensor (flattened as one vector, mergekit 0.1.5 merge_methods/slerp.py:18-76, 90-99):
+Per tensor (flattened as one vector, mergekit 0.1.5 merge_methods/slerp.py:20-78, 92-101):
 
     θ = sin((1−t)Ω)/sin Ω · a + sin(tΩ)/sin Ω · b,    cos Ω = ⟨a/‖a‖, b/‖b‖⟩
 
