@@ -180,12 +180,15 @@ def test_failing_gate_blocks_pilot_and_production(tmp_path, uri, name, capsys):
     gate = run_gate(bad, None, tmp_path / "gate")
     assert not gate.passed
     model = merged_dir(tmp_path / "m")
-    assert main(["register", str(model), "--name", name, "--gate", str(gate.result_path), "--metrics", str(tmp_path / "gate" / "gate_result.json")]) == 0  # fmt: skip
+    (tmp_path / "bundle.json").write_text(json.dumps(bad))
+    assert main(["register", str(model), "--name", name, "--gate", str(gate.result_path), "--metrics", str(tmp_path / "bundle.json")]) == 0  # fmt: skip
     out = json.loads(capsys.readouterr().out)
     v = out["version"]
     assert out["gate"] == "failed" and out["aliases"] == []
     assert client(uri).get_model_version(name, v).tags["seme.gate"] == "failed"
-    assert client(uri).get_run(out["run_id"]).data.tags["seme.gate"] == "failed"
+    run = client(uri).get_run(out["run_id"])
+    assert run.data.tags["seme.gate"] == "failed" and run.data.metrics["gate/passed"] == 0.0
+    assert run.data.metrics["merged/arith/accuracy"] == 0.2 and run.data.metrics["geo/capitals/accuracy"] == 0.74
     assert aliases(name) == {}
     with pytest.raises(
         RegistryError, match=rf"refusing to set 'pilot' on {name} version {v}: its gate is 'failed'"
