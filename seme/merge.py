@@ -217,8 +217,6 @@ def run_merge(
     dev = resolve_device(device)
     compute_dtype = parse_dtype(cfg.dtype)
     sources, base = open_inputs(cfg, allow_pickle=allow_pickle)
-    if spec.name == "slerp" and len(sources) != 2:
-        raise ConfigError(f"slerp merges exactly 2 models, got {len(sources)}")
     anchor = base or sources[0]
     arch = anchor.architecture
     out_dtype = parse_dtype(cfg.out_dtype)
