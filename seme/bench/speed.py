@@ -15,6 +15,7 @@ Writes ``speed.json`` (every run + summary), ``speed.md`` (tables + target verdi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -32,12 +33,12 @@ METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "slerp")
 #: llama-shaped model sizes. "1b" follows Llama-3.2-1B's layer shapes with fewer layers and a 32k
 #: vocabulary (≈1.1B parameters, untied head); "135m" is SmolLM2-135M's shape (tied embeddings).
 SCALES: dict[str, dict[str, Any]] = {
-    "tiny": dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=256, tie_word_embeddings=False),
-    "135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                 num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=False),
+    "tiny": {"hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "vocab_size": 256, "tie_word_embeddings": False},
+    "135m": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+             "num_key_value_heads": 3, "vocab_size": 49152, "tie_word_embeddings": True},
+    "1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
+             "num_key_value_heads": 8, "vocab_size": 32000, "tie_word_embeddings": False},
 }
 VARIANTS = ("ft1", "ft2", "ft3")
 BASE_STD = 0.02  # initialiser scale of the random base weights
@@ -229,16 +230,13 @@ def io_limit(inputs: list[Path], out_dir: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     for k, d in enumerate(inputs):
         for f in weight_files(d):
-            with open(f, "rb", buffering=0) as src:
-                dst = open(out_dir / f.name, "wb", buffering=0) if k == 0 else None
-                try:
-                    while n := src.readinto(buf):
-                        read += n
-                        if dst is not None:
-                            written += dst.write(view[:n])
-                finally:
+            with contextlib.ExitStack() as stack:
+                src = stack.enter_context(open(f, "rb", buffering=0))
+                dst = stack.enter_context(open(out_dir / f.name, "wb", buffering=0)) if k == 0 else None
+                while n := src.readinto(buf):
+                    read += n
                     if dst is not None:
-                        dst.close()
+                        written += dst.write(view[:n])
     wall = time.perf_counter() - t0
     r1 = os.times()
     shutil.rmtree(out_dir)
@@ -461,7 +459,7 @@ def _gpu_name() -> str | None:
         return None
     try:
         return subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                              text=True, timeout=20).stdout.strip() or None
+                              text=True, timeout=20, check=False).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -476,25 +474,25 @@ def render_markdown(result: dict[str, Any]) -> str:
     lines = [
         "# Speed and memory: seme vs mergekit 0.1.5 vs the I/O limit",
         "",
-        f"- date: {env['date']}; machine: {env['cpus']} CPU cores ({env['cpu_model']}), "
-        f"{_gb(env['mem_total_bytes'])} GB RAM, GPU: {env['gpu'] or 'none'}; device: {result['device']}",
-        f"- versions: seme {v['seme']}, torch {v['torch']}, mergekit {v['mergekit']}, "
-        f"safetensors {v['safetensors']}, transformers {v['transformers']}, Python {env['python']}",
-        f"- load average (1/5/15 min) at start: {', '.join(f'{x:.2f}' for x in env['loadavg_start'])}; "
-        f"at end: {', '.join(f'{x:.2f}' for x in result['loadavg_end'])}",
+        (f"- date: {env['date']}; machine: {env['cpus']} CPU cores ({env['cpu_model']}), "
+        f"{_gb(env['mem_total_bytes'])} GB RAM, GPU: {env['gpu'] or 'none'}; device: {result['device']}"),
+        (f"- versions: seme {v['seme']}, torch {v['torch']}, mergekit {v['mergekit']}, "
+        f"safetensors {v['safetensors']}, transformers {v['transformers']}, Python {env['python']}"),
+        (f"- load average (1/5/15 min) at start: {', '.join(f'{x:.2f}' for x in env['loadavg_start'])}; "
+        f"at end: {', '.join(f'{x:.2f}' for x in result['loadavg_end'])}"),
         f"- `seme --help`: {result['help_s']:.3f} s (median of 5)",
-        "- protocol: tools alternate run by run (seme, mergekit defaults, mergekit with matched "
+        ("- protocol: tools alternate run by run (seme, mergekit defaults, mergekit with matched "
         "`--out-shard-size`, I/O limit); medians; speed-up = mergekit wall / seme wall. "
-        "All configs compute in bfloat16 (`dtype: bfloat16`).",
+        "All configs compute in bfloat16 (`dtype: bfloat16`)."),
         "",
     ]
     for sr in result["scales"]:
         summ = summarize(sr)
         pc = sr["page_cache"]
         lines += [
-            f"## llama-{sr['scale']}: {sr['parameters'] / 1e6:.1f}M parameters, "
+            (f"## llama-{sr['scale']}: {sr['parameters'] / 1e6:.1f}M parameters, "
             f"{_gb(sr['checkpoint_bytes'])} GB per checkpoint (bf16), largest tensor "
-            f"{sr['largest_tensor_bytes'] / 1e6:.1f} MB",
+            f"{sr['largest_tensor_bytes'] / 1e6:.1f} MB"),
             "",
             f"{sr['runs_per_tool']} timed runs per tool and method. Page cache (fraction of all input bytes "
             f"resident): {_pct(pc['before_warmup'])} before the warm-up read, {_pct(pc['after_warmup'])} "
