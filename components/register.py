@@ -12,7 +12,6 @@ def register_model(
     alignment: Input[Artifact],
     report: Input[Artifact],
     gate_result: Input[Artifact],
-    merge_config: str,
     registered_model_name: str,
     mlflow_tracking_uri: str,
     pipeline_run: str,

@@ -80,6 +80,13 @@ def _resources(task: PipelineTask, cpu: str, memory: str, cpu_limit: str, memory
     )
 
 
+def _retried(task: PipelineTask, opts: ClusterOptions) -> PipelineTask:
+    """Steps with side effects or flaky I/O: retried with exponential backoff, never served from cache."""
+    return task.set_caching_options(False).set_retry(
+        num_retries=opts.retries, backoff_duration=opts.retry_backoff, backoff_factor=2
+    )
+
+
 def _settings_env(task: PipelineTask, opts: ClusterOptions, s3: bool) -> PipelineTask:
     """Endpoints from the seme-config ConfigMap (used when the run leaves them empty); S3 keys from the secret."""
     kubernetes.use_config_map_as_env(
@@ -132,24 +139,18 @@ def build_merge_pipeline(opts: ClusterOptions | None = None):
             registered_model_name=registered_model_name,
             pipeline_run=run_id,
         ).set_display_name("record-status")
-        final.set_caching_options(False).set_retry(
-            num_retries=opts.retries, backoff_duration=opts.retry_backoff, backoff_factor=2
-        )
+        _retried(final, opts)
         _resources(final, "100m", "512Mi", "1", "1Gi")
         _settings_env(final, opts, s3=False)
 
         with dsl.ExitHandler(final):
             with dsl.ParallelFor(source_uris) as uri:
                 src = fetch_checkpoint(uri=uri, s3_endpoint=s3_endpoint).set_display_name("fetch-source")
-                src.set_caching_options(False).set_retry(
-                    num_retries=opts.retries, backoff_duration=opts.retry_backoff, backoff_factor=2
-                )
+                _retried(src, opts)
                 _resources(src, "500m", "1Gi", "2", "4Gi")
                 _settings_env(src, opts, s3=True)
             base = fetch_checkpoint(uri=base_uri, s3_endpoint=s3_endpoint).set_display_name("fetch-base")
-            base.set_caching_options(False).set_retry(
-                num_retries=opts.retries, backoff_duration=opts.retry_backoff, backoff_factor=2
-            )
+            _retried(base, opts)
             _resources(base, "500m", "1Gi", "2", "4Gi")
             _settings_env(base, opts, s3=True)
 
@@ -203,23 +204,20 @@ def build_merge_pipeline(opts: ClusterOptions | None = None):
                 "alignment": align.outputs["alignment"],
                 "report": ev.outputs["report"],
                 "gate_result": gate.outputs["result"],
-                "merge_config": merge_config,
                 "registered_model_name": registered_model_name,
                 "mlflow_tracking_uri": mlflow_tracking_uri,
                 "pipeline_run": run_id,
             }
-            with dsl.If(
-                gate.outputs["passed"] == True, name="gate-passed"
-            ):  # a KFP condition, not a Python test
+            # `== True` builds a KFP condition on the step output, not a Python test
+            passed = gate.outputs["passed"] == True
+            with dsl.If(passed, name="gate-passed"):
                 reg = register_model(gate_passed=True, alias="pilot", **register_args)
                 reg.set_display_name("register-pilot")
             with dsl.Else(name="gate-failed"):
                 reg_failed = register_model(gate_passed=False, alias="", **register_args)
                 reg_failed.set_display_name("register-failed")
             for r in (reg, reg_failed):
-                r.set_caching_options(False).set_retry(
-                    num_retries=opts.retries, backoff_duration=opts.retry_backoff, backoff_factor=2
-                )
+                _retried(r, opts)
                 _resources(r, "500m", "1Gi", "2", "4Gi")
                 _settings_env(r, opts, s3=False)
 

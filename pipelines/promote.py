@@ -8,7 +8,7 @@ explicitly, has not passed its gate), and keeps the former production version as
 from kfp import dsl
 
 from components.promote import promote_model
-from pipelines.merge import ClusterOptions, _resources, _settings_env
+from pipelines.merge import ClusterOptions, _resources, _retried, _settings_env
 
 PIPELINE_NAME = "seme-promote"
 
@@ -33,9 +33,7 @@ def build_promote_pipeline(opts: ClusterOptions | None = None):
             to_alias=to_alias,
             mlflow_tracking_uri=mlflow_tracking_uri,
         ).set_display_name("promote")
-        task.set_caching_options(False).set_retry(
-            num_retries=opts.retries, backoff_duration=opts.retry_backoff, backoff_factor=2
-        )
+        _retried(task, opts)
         _resources(task, "100m", "512Mi", "1", "1Gi")
         _settings_env(task, opts, s3=False)
 
