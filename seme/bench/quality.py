@@ -144,7 +144,9 @@ def eval_cached(model_dir: Path, suite: str, zoo_dir: Path, limit: int | None, c
     key = None
     if cache_dir is not None:
         sha = sha256_file(model_dir / "model.safetensors")[:16]
-        key = cache_dir / f"{suite}-{limit or 'all'}-v{EVAL_CACHE_VERSION}-{__version__}-{sha}.json"
+        iset = zoo_dir / "instruction_set.json"  # the instruction items are part of the measurement
+        isha = sha256_file(iset)[:8] if iset.is_file() else "noinstr"
+        key = cache_dir / f"{suite}-{limit or 'all'}-v{EVAL_CACHE_VERSION}-{__version__}-{isha}-{sha}.json"
         if key.is_file():
             return json.loads(key.read_text())
     m = evaluate(model_dir, suite, zoo_dir=zoo_dir, limit=limit, device=device, progress=progress)

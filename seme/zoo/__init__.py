@@ -17,6 +17,7 @@ Root: ``$SEME_ZOO_DIR`` or ``~/.cache/seme/zoo``.
 from __future__ import annotations
 
 import datetime as _dt
+import fcntl
 import hashlib
 import json
 import logging
@@ -55,10 +56,11 @@ REAL = ZooRecipe(
     name=REAL_NAME,
     suite="zoo",
     experts={
-        "arithmetic": LoraRecipe(steps=150, batch=16, lr=1e-3, seed=1),
-        "french_numbers": LoraRecipe(steps=150, batch=16, lr=1e-3, seed=2),
-        "country_codes": LoraRecipe(steps=120, batch=16, lr=1e-3, seed=3),
-        "python_code": LoraRecipe(steps=60, batch=8, lr=5e-4, seed=4, window=64),
+        # step counts sized for two shared CPU cores (about 10 s per step for 135M parameters)
+        "arithmetic": LoraRecipe(steps=40, batch=16, lr=2e-3, seed=1, warmup=4),
+        "french_numbers": LoraRecipe(steps=50, batch=16, lr=2e-3, seed=2, warmup=4),
+        "country_codes": LoraRecipe(steps=50, batch=16, lr=2e-3, seed=3, warmup=4),
+        "python_code": LoraRecipe(steps=20, batch=8, lr=1e-3, seed=4, window=64, warmup=2),
     },
 )
 
@@ -66,11 +68,11 @@ TINY = ZooRecipe(
     name=TINY_NAME,
     suite="tiny",
     experts={
-        "arithmetic": LoraRecipe(steps=250, batch=16, lr=3e-3, rank=16, alpha=32, seed=1),
-        "french_numbers": LoraRecipe(steps=250, batch=16, lr=3e-3, rank=16, alpha=32, seed=2),
+        "arithmetic": LoraRecipe(steps=300, batch=32, lr=3e-3, rank=16, alpha=32, seed=1),
+        "french_numbers": LoraRecipe(steps=300, batch=32, lr=3e-3, rank=16, alpha=32, seed=2),
     },
     base_dtype="float32",
-    tiny_steps=300,
+    tiny_steps=400,
     instruction=False,
 )
 
@@ -139,11 +141,6 @@ def build_zoo(
     """Build (or complete) a zoo and return its directory; finished parts are cache hits."""
     import torch
 
-    from seme.evaluation import data
-    from seme.evaluation.suites import get_suite
-    from seme.zoo import base as zbase
-    from seme.zoo.finetune import lora_finetune
-
     if threads:
         torch.set_num_threads(threads)
     recipe = TINY if tiny else REAL
@@ -154,8 +151,25 @@ def build_zoo(
     zdir = (Path(root).expanduser() if root is not None else zoo_root()) / name
     try:
         zdir.mkdir(parents=True, exist_ok=True)
+        lock = open(zdir / ".lock", "w")  # noqa: SIM115 - held for the whole build
     except OSError as e:
         raise OutputError(f"cannot create zoo directory {zdir}: {e.strerror}") from None
+    with lock:
+        # one builder per zoo: a second one waits, then finds every part built (cache hits)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _build_locked(zdir, name, recipe, base, progress)
+
+
+def _build_locked(zdir: Path, name: str, recipe: ZooRecipe, base: str | Path | None, progress: bool) -> Path:
+    """The build proper; the caller holds the zoo's lock, so temporaries left here are stale."""
+    import torch
+
+    from seme.evaluation import data
+    from seme.evaluation.suites import get_suite
+    from seme.zoo import base as zbase
+    from seme.zoo.finetune import lora_finetune
+
+    tiny = recipe.tiny_steps > 0
     _clean_stale(zdir)
     _clean_stale(zdir / "experts")
     t_start = time.perf_counter()
@@ -187,6 +201,14 @@ def build_zoo(
                         "wall_s": (_read_json(zdir / "base.key.json") or {}).get("wall_s")}
     base_sha = manifest["base"]["sha256"]
 
+    # ---- instruction set (prompts the base answers correctly)
+    if recipe.instruction:
+        iset = _read_json(zdir / "instruction_set.json")
+        if iset is None or iset.get("base_sha256") != base_sha:
+            iset = build_instruction_set(base_dir, base_sha, progress)
+            _write_json(zdir / "instruction_set.json", iset)
+        manifest["instruction_set"] = {"path": "instruction_set.json", "n": len(iset["prompts"]),
+                                       "candidates": iset["candidates"]}
     # ---- experts
     suite = get_suite(recipe.suite)
     manifest["experts"] = {}
@@ -224,14 +246,6 @@ def build_zoo(
         rec["sha256"] = _weights_sha(edir)
         manifest["experts"][task_name] = rec
 
-    # ---- instruction set (prompts the base answers correctly)
-    if recipe.instruction:
-        iset = _read_json(zdir / "instruction_set.json")
-        if iset is None or iset.get("base_sha256") != base_sha:
-            iset = build_instruction_set(base_dir, base_sha, progress)
-            _write_json(zdir / "instruction_set.json", iset)
-        manifest["instruction_set"] = {"path": "instruction_set.json", "n": len(iset["prompts"]),
-                                       "candidates": iset["candidates"]}
     manifest["created"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     manifest["build_wall_s"] = round(time.perf_counter() - t_start, 1)
     old = _read_json(zdir / "zoo.json")

@@ -153,13 +153,13 @@ def build_tiny_base(out: Path, seed: int = 0, steps: int = 500, threads: int | N
     texts = [train_topics[k] for k in sorted(train_topics)]
     tok = train_tiny_tokenizer(texts)
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                       tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                       pad_token_id=tok.pad_token_id, rms_norm_eps=1e-5)
     model = LlamaForCausalLM(cfg)
     ids = [i for t in texts for i in tok.encode(t) + [tok.eos_token_id]]
-    window, batch = 64, 16
+    window, batch = 64, 32
     data_t = torch.tensor(ids[: len(ids) // window * window]).view(-1, window)
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
