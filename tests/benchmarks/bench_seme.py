@@ -132,13 +132,13 @@ def main() -> None:
     t_make = time.perf_counter() - t
     cfg = load_config({"merge_method": "seme", "models": [{"model": str(m)} for m in models],
                        "parameters": {"tokens": args.tokens}})
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     art = align(cfg, out / f"alignment-{args.shape}", device=args.device, overwrite=True)
-    t_align = time.perf_counter() - t
+    t_align, c_align = time.perf_counter() - t, time.process_time() - c
     meta = json.loads((art / "alignment.json").read_text())
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     res = run_merge(cfg, out / f"merged-{args.shape}", device=args.device, overwrite=True, progress=False)
-    t_merge = time.perf_counter() - t
+    t_merge, c_merge = time.perf_counter() - t, time.process_time() - c
     seme = res.manifest["seme"]
     report = {
         "shape": args.shape,
@@ -149,8 +149,11 @@ def main() -> None:
         "tokens": int(meta["token_subset"]["size"]),
         "make_checkpoints_s": round(t_make, 2),
         "align_s": round(t_align, 2),
+        "align_cpu_s": round(c_align, 2),  # CPU seconds: on a shared machine wall time overstates
         "align_breakdown_s": {k: round(v, 2) for k, v in meta["timings"].items()},
         "merge_total_s": round(t_merge, 2),
+        "merge_cpu_s": round(c_merge, 2),
+        "load_average": os.getloadavg(),
         "merge_breakdown_s": {k: round(v, 2) for k, v in seme["merge_timings"].items()},
         "rotation": meta["rotation"],
         "peak_rss_mb": round(res.peak_rss_bytes / 1e6),
@@ -167,7 +170,9 @@ def main() -> None:
          f"{report['merge_total_s']} |"),
         f"| of which Erase | {report['merge_breakdown_s'].get('erase_s')} |",
         "",
-        f"Peak RSS {report['peak_rss_mb']} MB. Rotation: {meta['rotation']['reason']}.",
+        (f"CPU seconds: align {report['align_cpu_s']}, merge {report['merge_cpu_s']}; load average at the "
+         f"end {report['load_average'][0]:.1f}. Peak RSS {report['peak_rss_mb']} MB. "
+         f"Rotation: {meta['rotation']['reason']}."),
     ]
     (out / "bench_seme.md").write_text("\n".join(md) + "\n")
     print(json.dumps(report, indent=2))
