@@ -46,10 +46,14 @@ def check_model_dir(model_dir: str | Path) -> dict[str, Any]:
     return cfg
 
 
-def load_model(model_dir: str | Path, device: str = "cpu") -> tuple[Any, Any]:
+def load_model(model_dir: str | Path, device: str = "cpu", progress: bool = True) -> tuple[Any, Any]:
     """Load (model, tokenizer) for evaluation: float32 on CPU, eval mode, left padding."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    if not progress:
+        hf_logging.disable_progress_bar()
 
     check_model_dir(model_dir)
     try:

@@ -119,7 +119,7 @@ def evaluate(
         if t not in s.tasks:
             raise EvalError(f"unknown task {t!r} in suite {suite!r}; known: {', '.join(s.tasks)}")
     t0 = time.perf_counter()
-    model, tok = runner.load_model(model_dir, device)
+    model, tok = runner.load_model(model_dir, device, progress)
     torch.manual_seed(0)
     out_tasks: dict[str, Any] = {}
     notes: list[str] = []

@@ -1,0 +1,89 @@
+"""seme bench quality --quick on the real tiny zoo: real merges (seme's executor), real evals,
+JSON + Markdown + PNG reports; failures reported, not hidden; the summary logic on its own."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from seme.errors import ConfigError
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from seme.zoo import build_zoo
+
+    env = os.environ.get("SEME_ZOO_DIR")
+    root = Path(env) if env else tmp_path_factory.getbasetemp() / "zoo-cache"
+    return build_zoo(root=root, tiny=True, progress=False)
+
+
+def test_quick_bench_two_methods_writes_reports(tiny_zoo: Path, tmp_path: Path, capsys) -> None:
+    from seme.bench.quality import main
+
+    out = tmp_path / "q"
+    rc = main(["--quick", "--zoo", str(tiny_zoo), "--out", str(out), "--methods", "task_arithmetic@0.5",
+               "ties@1.0", "--limit", "20", "-q"])
+    assert rc == 0
+    rep = json.loads((out / "quality.json").read_text())
+    kinds = [r["kind"] for r in rep["rows"]]
+    assert kinds.count("base") == 1 and kinds.count("expert") == 2 and kinds.count("merged") == 2
+    for r in rep["rows"]:
+        assert r["status"] == "ok", r
+        assert set(r["metrics"]["tasks"]) == {"arithmetic", "french_numbers"}
+    for r in rep["rows"]:
+        if r["kind"] == "expert":  # an expert normalized on its own task is exactly 1
+            assert r["norm"][r["expert_task"]] == pytest.approx(1.0)
+    merged = {r["label"]: r for r in rep["rows"] if r["kind"] == "merged"}
+    assert set(merged) == {"task_arithmetic@0.5", "ties@1.0"}
+    assert merged["ties@1.0"]["config"]["merge_method"] == "ties"
+    assert set(rep["summary"]["winners"]) == {"arithmetic", "french_numbers"}
+    assert rep["summary"]["pareto"]
+    md = (out / "quality.md").read_text()
+    assert "Tiny CI zoo" in md and "| ties@1.0 |" in md and "wins each task" in md
+    assert (out / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "models").exists()  # merged checkpoints removed unless --keep-models
+    # parents' evals are cached in the zoo, keyed by weights sha256
+    assert len(list((tiny_zoo / "evals").glob("tiny-20-*.json"))) == 3
+    assert "reports:" in capsys.readouterr().out
+
+
+def test_failed_method_is_reported(tiny_zoo: Path, tmp_path: Path) -> None:
+    from seme.bench.quality import Variant, merge_config, run_variant
+
+    var = Variant("ties@1.0", "ties", "ties", {"lambda": 1.0}, {"weight": 1.0, "density": 0.5}, 1.0)
+    cfg = merge_config(var, tiny_zoo / "base", [tiny_zoo / "experts" / "arithmetic", tmp_path / "missing"],
+                       "float32")
+    res = run_variant(var, cfg, tmp_path / "out", "cpu", progress=False)
+    assert res["status"] == "failed" and "missing" in res["error"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_method_is_a_config_error(tiny_zoo: Path, tmp_path: Path) -> None:
+    from seme.bench.quality import run_bench
+
+    with pytest.raises(ConfigError, match="unknown bench method"):
+        run_bench(tiny_zoo, tmp_path / "x", only=["soup"], progress=False)
+
+
+def test_summary_pareto_and_matched_perplexity() -> None:
+    from seme.bench.quality import summarize
+
+    def row(label, kind, fam, a, f, ppl, task=None):
+        return {"label": label, "kind": kind, "family": fam, "status": "ok", "expert_task": task,
+                "metrics": {"tasks": {"a": {"value": a}, "f": {"value": f}},
+                            "general": {"prose": {"value": ppl}}}}
+
+    rows = [row("base", "base", "base", 0.0, 0.0, 10.0), row("ea", "expert", "expert", 0.8, 0.0, 20.0, "a"),
+            row("ef", "expert", "expert", 0.0, 0.5, 20.0, "f"),
+            row("m1", "merged", "x", 0.4, 0.25, 11.0), row("m2", "merged", "x", 0.8, 0.5, 30.0),
+            row("m3", "merged", "y", 0.2, 0.1, 15.0)]
+    s = summarize(rows, ["a", "f"])
+    assert rows[3]["mean_norm"] == pytest.approx(0.5) and rows[4]["mean_norm"] == pytest.approx(1.0)
+    assert set(s["pareto"]) == {"m1", "m2"}  # m3 is dominated by m1
+    assert s["winners"]["a"]["label"] == "m2"
+    assert s["matched_ppl"]["1.25"]["x"]["label"] == "m1"
+    assert s["matched_ppl"]["2.0"]["y"]["label"] == "m3"
