@@ -214,7 +214,7 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
           (f"- mode: {'quick' if report['quick'] else 'full'}; items per task: {report['limit'] or 'all'}; "
           f"device: {report['device']}; torch threads: {report['threads']}"),
           (f"- wall time: bench {report['wall_s']:.0f} s (merges {report['merge_s_total']:.0f} s, evals "
-          f"{report['eval_s_total']:.0f} s); zoo build (cached) {report['zoo'].get('build_wall_s', '?')} s"),
+          f"{report['eval_s_total']:.0f} s); zoo build (when built, cached since) {report['zoo'].get('parts_wall_s', '?')} s"),
           ("- normalized = merged score / the task's expert score; ppl = perplexity on held-out pydoc prose "
           f"(base {s['base_ppl']:.2f})"), ""]
     head = ["model", "kind"] + [f"{t} raw (norm)" for t in tasks] + ["mean norm", "prose ppl", "ppl/base"]
@@ -382,7 +382,7 @@ def run_bench(
                 shutil.rmtree(out, ignore_errors=True)
         rows.append(row)
     report: dict[str, Any] = {
-        "zoo": {"dir": str(zoo_dir), "name": zoo["name"], "build_wall_s": zoo.get("build_wall_s"),
+        "zoo": {"dir": str(zoo_dir), "name": zoo["name"], "parts_wall_s": zoo.get("parts_wall_s"),
                 "experts": {t: {k: zoo["experts"][t].get(k) for k in ("recipe", "train_data_sha256", "wall_s")}
                             for t in tasks}},
         "suite": suite, "tasks": tasks, "quick": quick, "limit": limit, "device": device,

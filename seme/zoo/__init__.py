@@ -246,6 +246,9 @@ def _build_locked(zdir: Path, name: str, recipe: ZooRecipe, base: str | Path | N
         rec["sha256"] = _weights_sha(edir)
         manifest["experts"][task_name] = rec
 
+    # wall time the parts took when they were built (a cache hit costs only build_wall_s)
+    manifest["parts_wall_s"] = round((manifest["base"]["wall_s"] or 0) + sum(
+        e.get("wall_s", 0) for e in manifest["experts"].values()), 1)
     manifest["created"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     manifest["build_wall_s"] = round(time.perf_counter() - t_start, 1)
     old = _read_json(zdir / "zoo.json")
