@@ -14,7 +14,7 @@ local runner supports everything the pipeline uses: ``ParallelFor`` with ``dsl.C
   store in the work directory.
 
 Merge configs may name local checkpoint directories: they are published to the object store first
-(``s3://seme-models/inputs/<name>-<digest>``), so the pipeline fetches and verifies them like any
+(``s3://seme-models/inputs/<digest>/<name>``), so the pipeline fetches and verifies them like any
 other input.
 """
 
@@ -82,6 +82,8 @@ def services(
         s3_endpoint = f"http://127.0.0.1:{port}"
         env.update(_EMBEDDED_AWS)
     if mlflow_uri is None:
+        for name in ("mlflow.store.db.utils", "alembic"):  # "Creating initial MLflow database tables..."
+            logging.getLogger(name).setLevel(logging.WARNING)
         mlflow_uri = f"sqlite:///{(workdir / 'mlflow.db').absolute()}"
         _local_experiment(mlflow_uri, workdir / "mlartifacts")
     env.update({"AWS_ENDPOINT_URL_S3": s3_endpoint, "MLFLOW_TRACKING_URI": mlflow_uri, "HF_HUB_OFFLINE": "1"})
@@ -122,8 +124,9 @@ def stage_inputs(
 ) -> tuple[dict[str, Any], list[str], str, dict[str, str]]:
     """Publish the config's local checkpoint directories; return (config with URIs, source URIs, base URI, local→URI).
 
-    Each directory goes to ``<inputs_uri>/<dir name>-<digest[:12]>`` (content-addressed: a rerun
-    republishes to the same place, a changed checkpoint to a new one).
+    Each directory goes to ``<inputs_uri>/<digest[:12]>/<dir name>`` (content-addressed: a rerun
+    republishes to the same place, a changed checkpoint to a new one; the last segment stays the
+    directory's name, which the evaluation report uses to name the parent).
     """
     from components.common import artifact_digest
     from seme.errors import ConfigError
@@ -139,7 +142,7 @@ def stage_inputs(
             raise ConfigError(f"merge config: {where} {ref} is neither an s3:// URI nor a local directory")
         key = str(p.resolve())
         if key not in published:
-            uri = f"{inputs_uri.rstrip('/')}/{p.resolve().name}-{artifact_digest(p)[:12]}"
+            uri = f"{inputs_uri.rstrip('/')}/{artifact_digest(p)[:12]}/{p.resolve().name}"
             _ensure_bucket(uri, s3_endpoint)
             publish(p, uri, endpoint_url=s3_endpoint)
             published[key] = uri
