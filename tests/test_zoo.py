@@ -55,29 +55,38 @@ def test_tiny_zoo_manifest_and_cache_hit(tiny_zoo: Path) -> None:
     assert {p: p.stat().st_mtime for p in tiny_zoo.rglob("model.safetensors")} == mtimes
 
 
-def test_interrupted_build_resumes_deterministically(tiny_zoo: Path, tmp_path: Path) -> None:
+def test_interrupted_build_resumes_deterministically(tmp_path: Path) -> None:
     """A half-written expert (temp dir) is never used: it is removed and the expert rebuilt, bit-identical
-    to the original (seeded LoRA); finished experts are kept."""
-    from seme.zoo import build_zoo, load_zoo
+    to the original (seeded LoRA); finished parts are kept. A micro recipe keeps this fast."""
+    from dataclasses import replace
 
-    root = tmp_path / "root"
-    shutil.copytree(tiny_zoo, root / "tiny", ignore=shutil.ignore_patterns(".lock", "evals"))
-    z = root / "tiny"
-    want = load_zoo(z)["experts"]["french_numbers"]["sha256"]
-    keep = sha256_file(z / "experts" / "arithmetic" / "model.safetensors")
+    from seme.zoo import TINY, build_zoo, load_zoo
+
+    micro = replace(TINY, name="micro", tiny_steps=8,
+                    experts={k: replace(v, steps=6, batch=8) for k, v in TINY.experts.items()})
+    z = build_zoo(root=tmp_path, recipe=micro, progress=False)
+    m0 = load_zoo(z)
+    want = m0["experts"]["french_numbers"]["sha256"]
     keep_mtime = (z / "experts" / "arithmetic" / "model.safetensors").stat().st_mtime
+    base_mtime = (z / "base" / "model.safetensors").stat().st_mtime
     # an interrupted run: the expert's temp sibling holds a truncated file, the expert is gone
     shutil.rmtree(z / "experts" / "french_numbers")
     stale = z / "experts" / ".french_numbers.tmp-deadbeef"
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"\x00" * 100)
     (z / "zoo.json").unlink()
-    build_zoo(root=root, tiny=True, progress=False)
+    build_zoo(root=tmp_path, recipe=micro, progress=False)
     assert not stale.exists()
     m = load_zoo(z)
     assert m["experts"]["french_numbers"]["sha256"] == want
-    assert m["experts"]["arithmetic"]["sha256"] == keep
+    assert m["experts"]["arithmetic"]["sha256"] == m0["experts"]["arithmetic"]["sha256"]
     assert (z / "experts" / "arithmetic" / "model.safetensors").stat().st_mtime == keep_mtime  # kept
+    assert (z / "base" / "model.safetensors").stat().st_mtime == base_mtime
+    # a changed recipe is not a cache hit: that expert is rebuilt, with different weights
+    micro2 = replace(micro, experts={**micro.experts, "arithmetic": replace(micro.experts["arithmetic"], seed=9)})
+    build_zoo(root=tmp_path, recipe=micro2, progress=False)
+    assert load_zoo(z)["experts"]["arithmetic"]["sha256"] != m0["experts"]["arithmetic"]["sha256"]
+    assert load_zoo(z)["experts"]["french_numbers"]["sha256"] == want
 
 
 def test_bad_base_is_a_clear_error(tmp_path: Path) -> None:

@@ -137,13 +137,18 @@ def build_zoo(
     base: str | Path | None = None,
     threads: int | None = None,
     progress: bool = True,
+    recipe: ZooRecipe | None = None,
 ) -> Path:
-    """Build (or complete) a zoo and return its directory; finished parts are cache hits."""
+    """Build (or complete) a zoo and return its directory; finished parts are cache hits.
+
+    ``recipe`` overrides the built-in REAL/TINY recipes (tests use a micro recipe).
+    """
     import torch
 
     if threads:
         torch.set_num_threads(threads)
-    recipe = TINY if tiny else REAL
+    recipe = recipe or (TINY if tiny else REAL)
+    tiny = tiny or recipe.tiny_steps > 0
     name = recipe.name
     if base is not None and not tiny:
         bpath = Path(base).expanduser().absolute()

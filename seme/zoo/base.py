@@ -99,14 +99,22 @@ def load_any_causal(path: Path, dtype: str = "float32") -> tuple[Any, Any, dict[
         cfg = AutoConfig.from_pretrained(src_dir, **kw)
     except Exception as e:  # noqa: BLE001 - transformers raises many types
         raise CheckpointError(f"cannot read the model config of {path}: {str(e).splitlines()[0]}") from None
-    if cfg.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise CheckpointError(f"{path} is not a causal language model (model_type={cfg.model_type!r})")
+    archs = getattr(cfg, "architectures", None) or []
+    if cfg.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or (
+        archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    ):
+        raise CheckpointError(
+            f"{path} is not a causal language model (model_type={cfg.model_type!r}, architectures={archs})"
+        )
     try:
         tok = AutoTokenizer.from_pretrained(src_dir, **kw)
     except Exception as e:  # noqa: BLE001
         raise EvalError(f"{path} has no usable tokenizer: {str(e).splitlines()[0]}") from None
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(src_dir, dtype=getattr(torch, dtype), **kw)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src_dir, dtype=getattr(torch, dtype), **kw)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot load the weights of {path}: {str(e).splitlines()[0]}") from None
     info["load_s"] = round(time.perf_counter() - t0, 1)
     return model, tok, info
 

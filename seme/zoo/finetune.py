@@ -40,19 +40,22 @@ def _exact_batches(tok: Any, examples: list[Example], r: LoraRecipe) -> list[tup
     import torch
 
     rng = random.Random(r.seed)
-    pairs = []
-    for e in examples:
-        p = tok(e.prompt)["input_ids"]
-        a = tok(e.answer + "\n", add_special_tokens=False)["input_ids"]
-        pairs.append((p, a))
+    cache: dict[int, tuple[list[int], list[int]]] = {}
+
+    def pair(i: int) -> tuple[list[int], list[int]]:  # tokenize only the examples actually used
+        if i not in cache:
+            e = examples[i]
+            cache[i] = (tok(e.prompt)["input_ids"], tok(e.answer + "\n", add_special_tokens=False)["input_ids"])
+        return cache[i]
+
     batches = []
     order: list[int] = []
     while len(batches) < r.steps:
         if not order:
-            order = list(range(len(pairs)))
+            order = list(range(len(examples)))
             rng.shuffle(order)
         idx, order = order[: r.batch], order[r.batch :]
-        rows = [pairs[i] for i in idx]
+        rows = [pair(i) for i in idx]
         L = max(len(p) + len(a) for p, a in rows)
         ids = torch.full((len(rows), L), tok.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rows), L), dtype=torch.long)
