@@ -68,31 +68,67 @@ SPEC = methods.register(
 )
 
 
+def _row_thresholds(a: torch.Tensor, keep: int) -> torch.Tensor:
+    """Per row of ``a`` (m×|T|, non-negative): the ``keep``-th largest entry, as an (m, 1) column.
+
+    On the CPU numpy's introselect (``np.partition``) is several times faster than torch.kthvalue and
+    returns the same element; elsewhere kthvalue along the contiguous last dim.
+    """
+    T = a.shape[1]
+    if a.device.type == "cpu":
+        import numpy as np
+
+        part = np.partition(a.numpy(), T - keep, axis=1)
+        return torch.from_numpy(part[:, T - keep : T - keep + 1].copy())
+    return a.kthvalue(T - keep + 1, dim=1, keepdim=True).values
+
+
+def erase_ties_rows(X: torch.Tensor, S_T: torch.Tensor, P: torch.Tensor, density: float,
+                    block: int = 512) -> torch.Tensor:
+    """TIES in semantic coordinates (§5), vectors as rows: X (K, n, d) -> Δ* (n, d).
+
+    Per block of b vectors the K sources are projected with one GEMM into a (K, b, |T|) buffer (|T|
+    contiguous, so the per-vector selection runs along memory). Trim zeroes entries below each
+    vector's top-``density`` threshold; with s the elected sign (sign of the trimmed sum), c·s > 0
+    marks the agreeing entries and Σ max(c·s, 0)·s is their sum (sign flips are exact, so this equals
+    the plain masked sum); the disjoint mean is mapped back with P = Ŝ_T⁺.
+    """
+    K, n, d = X.shape
+    T = S_T.shape[0]
+    keep = max(1, math.ceil(density * T))
+    out = torch.empty(n, d, dtype=X.dtype, device=X.device)
+    St = S_T.T  # (d, |T|) view: mm reads it transposed, no copy
+    Pt = P.T  # (|T|, d)
+    buf = torch.empty(K * min(block, max(n, 1)) * T, dtype=X.dtype, device=X.device)
+    for lo in range(0, n, block):
+        hi = min(lo + block, n)
+        b = hi - lo
+        c = torch.mm(X[:, lo:hi].reshape(K * b, d), St, out=buf[: K * b * T].view(K * b, T))
+        if keep < T:
+            a = c.abs()
+            thr = _row_thresholds(a, keep).to(a.device)
+            c.masked_fill_(a < thr, 0)
+            del a
+        c3 = c.view(K, b, T)
+        s = c3.sum(dim=0).sign_()  # elected sign per token
+        c3.mul_(s)
+        count = (c3 > 0).sum(dim=0)
+        kept = c3.clamp_min_(0).sum(dim=0).mul_(s)
+        torch.mm(kept.div_(count.clamp_min_(1)), Pt, out=out[lo:hi])
+    return out
+
+
 def erase_ties(X: torch.Tensor, S_T: torch.Tensor, P: torch.Tensor, density: float,
                block: int = 512) -> torch.Tensor:
     """TIES in semantic coordinates (§5) for residual-side vectors.
 
     X: (K, d, n) λ-weighted task vectors of the selected sources (columns are vectors).
     S_T: (|T|, d) unit semantic bases of the token subset; P = Ŝ_T⁺ (d, |T|).
-    Returns Δ* (d, n). Trim keeps the top ``density`` fraction of |c| per vector (kthvalue, no sort);
-    a sign is elected per token from the trimmed sum; entries of the other sign are erased; the kept
-    entries are averaged (disjoint mean) and mapped back with P.
+    Returns Δ* (d, n). Trim keeps the top ``density`` fraction of |c| per vector; a sign is elected
+    per token from the trimmed sum; entries of the other sign are erased; the kept entries are
+    averaged (disjoint mean) and mapped back with P. See :func:`erase_ties_rows`.
     """
-    _k, d, n = X.shape
-    T = S_T.shape[0]
-    keep = max(1, math.ceil(density * T))
-    out = torch.empty(d, n, dtype=X.dtype, device=X.device)
-    for lo in range(0, n, block):
-        c = torch.matmul(S_T, X[:, :, lo : lo + block])  # (K, |T|, b)
-        if keep < T:
-            thr = c.abs().kthvalue(T - keep + 1, dim=1, keepdim=True).values
-            c = torch.where(c.abs() >= thr, c, torch.zeros((), dtype=c.dtype, device=c.device))
-        elected = torch.sign(c.sum(dim=0, keepdim=True))
-        agree = (torch.sign(c) == elected) & (c != 0)
-        kept = torch.where(agree, c, torch.zeros((), dtype=c.dtype, device=c.device))
-        count = agree.sum(dim=0).clamp_min(1).to(c.dtype)
-        out[:, lo : lo + block] = P @ (kept.sum(dim=0) / count)
-    return out
+    return erase_ties_rows(X.transpose(1, 2), S_T, P, density, block).T
 
 
 class SemeMerger:
@@ -188,10 +224,11 @@ class SemeMerger:
         elif (role.kind in ("read", "write") and t0.dim() == 2 and self.settings.erase == "ties"
               and len(sel) >= 2):
             te = time.perf_counter()
-            X = torch.stack([mod["lambda"][k] * (deltas[k] if role.kind == "write" else deltas[k].T)
+            # vectors as rows: write columns (transposed once) or read rows (as stored)
+            X = torch.stack([mod["lambda"][k] * (deltas[k].T if role.kind == "write" else deltas[k])
                              for k in sel])
-            merged = erase_ties(X, self.S_T, self.P, self.settings.density, self.settings.block_size)
-            out = t0 + alpha * (merged if role.kind == "write" else merged.T)
+            merged = erase_ties_rows(X, self.S_T, self.P, self.settings.density, self.settings.block_size)
+            out = t0 + alpha * (merged.T if role.kind == "write" else merged)
             self.timings["erase_s"] += time.perf_counter() - te
         else:
             out = t0 + alpha * sum(mod["lambda"][k] * deltas[k] for k in sel)
