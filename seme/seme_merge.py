@@ -99,6 +99,7 @@ def erase_ties_rows(X: torch.Tensor, S_T: torch.Tensor, P: torch.Tensor, density
     out = torch.empty(n, d, dtype=X.dtype, device=X.device)
     St = S_T.T  # (d, |T|) view: mm reads it transposed, no copy
     Pt = P.T  # (|T|, d)
+    count_dtype = torch.uint8 if K < 256 else torch.int32
     buf = torch.empty(K * min(block, max(n, 1)) * T, dtype=X.dtype, device=X.device)
     for lo in range(0, n, block):
         hi = min(lo + block, n)
@@ -112,7 +113,7 @@ def erase_ties_rows(X: torch.Tensor, S_T: torch.Tensor, P: torch.Tensor, density
         c3 = c.view(K, b, T)
         s = c3.sum(dim=0).sign_()  # elected sign per token
         c3.mul_(s)
-        count = (c3 > 0).sum(dim=0)
+        count = (c3 > 0).sum(dim=0, dtype=count_dtype)  # uint8 sums are ~8x faster than int64
         kept = c3.clamp_min_(0).sum(dim=0).mul_(s)
         torch.mm(kept.div_(count.clamp_min_(1)), Pt, out=out[lo:hi])
     return out
