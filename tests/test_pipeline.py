@@ -374,9 +374,9 @@ def tiny_zoo(tmp_path_factory):
     return zdir, load_zoo(zdir)
 
 
-def _zoo_config(zdir: Path, zoo: dict) -> dict:
+def _zoo_config(zdir: Path, zoo: dict, method: str = "seme") -> dict:
     return {
-        "merge_method": "seme",
+        "merge_method": method,
         "base_model": str(zdir / "base"),
         "models": [{"model": str(zdir / e["path"])} for e in zoo["experts"].values()],
         "dtype": "float32",
@@ -443,16 +443,17 @@ def test_run_local_end_to_end_on_the_tiny_zoo(tiny_zoo, s3_server, mlflow_server
     text = format_summary(s)
     assert f"version {v1}, alias pilot" in text and "gate: PASSED" in text and merged["path"] in text
 
-    # rerun, same inputs, a gate that fails: a new version, registered as failed, no alias moves
-    s2 = run_local(
-        _zoo_config(zdir, zoo), workdir=tmp_path / "run2", gate_policy=STRICT, **{**common, "limit": 4}
-    )
+    # rerun on the same inputs and registry with a gate that fails (task arithmetic and 4 eval items
+    # keep it short): a new version, registered as failed, and no alias moves
+    cfg2 = _zoo_config(zdir, zoo, "task_arithmetic")
+    s2 = run_local(cfg2, workdir=tmp_path / "run2", gate_policy=STRICT, **{**common, "limit": 4})
     assert s2["status"] == "SUCCEEDED", s2["error"]
     assert s2["gate"]["passed"] is False
     summary_md = (Path(s2["gate"]["result"]) / "gate_summary.md").read_text()
     assert "reading_comprehension" in summary_md
     v2 = s2["registry"]["version"]
     assert int(v2) == int(v1) + 1 and s2["registry"]["alias"] == ""
+    assert s2["alignment"]["skipped"] is True, "only SeMe needs the alignment step"
     assert c.get_model_version(name, v2).tags["seme.gate"] == "failed"
     assert s2["aliases"] == {"pilot": v1}, "a failed gate moves no alias"
     assert "alias none (gate failed)" in format_summary(s2)
