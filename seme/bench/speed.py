@@ -451,7 +451,21 @@ def environment(bins: dict[str, str]) -> dict[str, Any]:
         "versions": {p: ver(p) for p in ("seme", "torch", "mergekit", "safetensors", "transformers")},
         "loadavg_start": os.getloadavg(),
         "bins": bins,
+        "git": _git_state(),
     }
+
+
+def _git_state() -> dict[str, Any] | None:
+    """Commit and uncommitted changes under seme/ of the checkout being measured (None outside git)."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True, timeout=20).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "seme"], capture_output=True,
+                               text=True, check=True, timeout=20).stdout.split("\n")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": head, "dirty": [line[3:] for line in dirty if line.strip()]}
 
 
 def _gpu_name() -> str | None:
@@ -480,7 +494,9 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"safetensors {v['safetensors']}, transformers {v['transformers']}, Python {env['python']}"),
         (f"- load average (1/5/15 min) at start: {', '.join(f'{x:.2f}' for x in env['loadavg_start'])}; "
         f"at end: {', '.join(f'{x:.2f}' for x in result['loadavg_end'])}"),
-        f"- `seme --help`: {result['help_s']:.3f} s (median of 5)",
+        f"- `seme --help`: {result['help_s']:.3f} s (median of 5); code: "
+        + (f"commit {env['git']['commit']}" + (f", uncommitted changes in {', '.join(env['git']['dirty'])}"
+                                                 if env["git"]["dirty"] else "") if env.get("git") else "n/a"),
         ("- protocol: tools alternate run by run (seme, mergekit defaults, mergekit with matched "
         "`--out-shard-size`, I/O limit); medians; speed-up = mergekit wall / seme wall. "
         "All configs compute in bfloat16 (`dtype: bfloat16`)."),
@@ -501,6 +517,13 @@ def render_markdown(result: dict[str, Any]) -> str:
             f"{sr['runs_per_tool']} timed runs per tool and method. Page cache: {pc}.",
             "",
         ]
+        loads = [r[k] for m in sr["methods"].values() for rs in m["runs"].values() for r in rs
+                 for k in ("load1_before", "load1_after") if k in r]
+        if loads:
+            lines += [f"1-minute load average during the runs: {min(loads):.1f}–{max(loads):.1f} on "
+                      f"{result['environment']['cpus']} cores (other processes were running)"
+                      if max(loads) > (result["environment"]["cpus"] or 1) else
+                      f"1-minute load average during the runs: {min(loads):.1f}–{max(loads):.1f}", ""]
         mk = [t for t in sr["tools"] if t.startswith("mergekit")]
         head = ["method", "K", "seme wall s", *[f"{t} wall s" for t in mk], *[f"speed-up vs {t}" for t in mk],
                 "I/O limit s", "seme CPU s", *[f"{t} CPU s" for t in mk], "seme peak RSS MB",
