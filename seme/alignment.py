@@ -234,8 +234,35 @@ class ModelView:
             return (self.al.vocab_map >= 0).to(self.device)
         return None
 
+    def keep_aligned(self, on: bool) -> None:
+        """Cache each tensor after vocabulary map, folding and rotation (before unit permutations) until
+        called with False: ``compute_alignment`` reads a layer for unit matching and again for the
+        Select statistics, and this way each tensor is read, checked and rotated once."""
+        self._aligned = {} if on else None
+
     def get(self, name: str) -> torch.Tensor:
         role = self.arch.role(name)
+        cache = getattr(self, "_aligned", None)
+        t = cache.get(name) if cache is not None else None
+        if t is None:
+            t = self._align_residual(name, role)
+            if cache is not None:
+                cache[name] = t
+        if not t.is_floating_point():
+            return t
+        layer, unit, kind = role.layer, role.unit, role.kind
+        al = self.al
+        # 4. unit permutations
+        if layer is not None:
+            base_unit = unit[: -len("_bias")] if (kind == "bias" and unit.endswith("_bias")) else unit
+            if layer in al.mlp_perm and role.module == "mlp":
+                t = self._permute_mlp(t, kind, base_unit, al.mlp_perm[layer])
+            if layer in al.attn_perm and role.module == "attn":
+                t = self._permute_attn(t, kind, base_unit, al.attn_perm[layer])
+        return t
+
+    def _align_residual(self, name: str, role: Any) -> torch.Tensor:
+        """Steps 1-3 of :meth:`get`: vocabulary map, norm folding, residual rotation."""
         t = self._raw(name)
         if not t.is_floating_point():
             return t
@@ -269,13 +296,6 @@ class ModelView:
                 kind == "bias" and lay.kind_of_unit.get((layer, unit.removesuffix("_bias"))) == "write"
             ):
                 t = R @ t
-        # 4. unit permutations
-        if layer is not None:
-            base_unit = unit[: -len("_bias")] if (kind == "bias" and unit.endswith("_bias")) else unit
-            if layer in al.mlp_perm and role.module == "mlp":
-                t = self._permute_mlp(t, kind, base_unit, al.mlp_perm[layer])
-            if layer in al.attn_perm and role.module == "attn":
-                t = self._permute_attn(t, kind, base_unit, al.attn_perm[layer])
         return t
 
     def _permute_mlp(self, t: torch.Tensor, kind: str, unit: str, perm: torch.Tensor) -> torch.Tensor:
@@ -457,24 +477,29 @@ def procrustes(models: dict[str, SemanticBasis], ba: SemanticBasis, shared: dict
                ) -> dict[str, tuple[torch.Tensor, float, float]]:
     """R_k = argmin ‖Ŝ_k R_kᵀ − Ŝ_a‖_F (orthogonal) over the tokens each model shares with the anchor.
 
-    One pass over token chunks (the anchor's rows are computed once for all models). Returns per model
+    The cross-covariance comes from the factored bases (no unit rows are formed). Returns per model
     (R, RMS row residual with R, RMS row residual with the identity).
     """
     d, dev = ba.hidden_size, ba.W.device
-    C = {k: torch.zeros(d, d, dtype=torch.float64, device=dev) for k in models}
-    n = {k: 0.0 for k in models}
-    masks = {k: (m.to(dev) if m is not None else None) for k, m in shared.items()}
-    for lo in range(0, ba.vocab_size, 8192):
-        part = torch.arange(lo, min(lo + 8192, ba.vocab_size), device=dev)
-        rows_a = ba.unit_rows(part)
-        for k, bm in models.items():
-            rows_m = bm.unit_rows(part)
-            ra = rows_a
-            if masks[k] is not None:
-                keep = masks[k][part]
-                rows_m, ra = rows_m[keep], rows_a[keep]
-            C[k] += rows_m.T @ ra
-            n[k] += float(ra.shape[0])
+    # Ŝ_mᵀŜ_a = M_m⁻¹ (W_mᵀ diag(1/‖s_m‖·1/‖s_a‖) W_a) M_a⁻¹: one V×d×d product per model, no unit rows.
+    C: dict[str, torch.Tensor] = {}
+    n: dict[str, float] = {}
+    inv_a = ba.inv_norm.to(dev)
+    for k, bm in models.items():
+        w_a, w_m = inv_a, bm.inv_norm.to(dev)  # scaled separately: zero rows have 1/‖s‖ = 1e300
+        mask = shared.get(k)
+        if mask is not None:
+            mask = mask.to(dev)
+            w_a = w_a * mask.to(w_a.dtype)
+            n[k] = float(mask.sum())
+        else:
+            n[k] = float(ba.vocab_size)
+        mid = torch.zeros(d, d, dtype=torch.float64, device=dev)
+        for lo in range(0, ba.vocab_size, 8192):
+            hi = min(lo + 8192, ba.vocab_size)
+            rows_m = bm.W[lo:hi].double().mul_(w_m[lo:hi, None])
+            mid.addmm_(rows_m.T, ba.W[lo:hi].double().mul_(w_a[lo:hi, None]))
+        C[k] = bm.minv @ mid @ ba.minv
     out = {}
     for k, Ck in C.items():
         U, S, Vh = torch.linalg.svd(Ck)
@@ -490,11 +515,21 @@ def _hungarian(cost: torch.Tensor, identity_frac: float) -> tuple[torch.Tensor |
     import numpy as np
     from scipy.optimize import linear_sum_assignment
 
-    c = cost.detach().double().cpu().numpy()
-    if not np.isfinite(c).all():
+    c = cost.detach().double().cpu()
+    if not bool(torch.isfinite(c).all()):
         raise AlignmentError("non-finite unit matching cost (NaN/Inf weights?)")
-    _rows, cols = linear_sum_assignment(c)
-    perm = torch.as_tensor(cols, dtype=torch.int64)
+    perm = None
+    if c.shape[0] == c.shape[1] and c.shape[1] >= 2:
+        # Exact shortcut: when every row's minimum is strict and the row argmins form a permutation,
+        # that assignment reaches the lower bound Σ_i min_j c_ij and is the unique optimum.
+        two = torch.topk(c, 2, dim=1, largest=False)
+        arg = two.indices[:, 0]
+        strict = bool((two.values[:, 0] < two.values[:, 1]).all())
+        if strict and int(torch.bincount(arg, minlength=c.shape[1]).max()) == 1:
+            perm = arg.to(torch.int64)
+    if perm is None:
+        _rows, cols = linear_sum_assignment(np.ascontiguousarray(c.numpy()))
+        perm = torch.as_tensor(cols, dtype=torch.int64)
     frac = float((perm == torch.arange(perm.numel())).double().mean())
     return (None if frac >= identity_frac else perm), frac
 
@@ -616,6 +651,9 @@ def task_vectors(views: list[ModelView], base_view: ModelView | None, name: str
     return t0, deltas, masks
 
 
+_STATS_ROWS = 8192  # vectors per block in the Select statistics (bounds the stacked copies)
+
+
 def _task_stats(views: list[ModelView], base_view: ModelView | None, names: list[str], arch: Architecture,
                 F: torch.Tensor, stats: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per module: semantic Gram matrix of the task vectors and ‖θ_0‖²_sem (Select's inputs, §4).
@@ -638,24 +676,24 @@ def _task_stats(views: list[ModelView], base_view: ModelView | None, names: list
         else:
             metric = "plain"
 
-        def apply(x: torch.Tensor, metric: str = metric) -> torch.Tensor:
-            if metric == "write":
-                return F32 @ x
-            if metric == "read":
-                return x @ F32
-            return x
-
-        Fd = [apply(x) for x in deltas]
+        # One matmul per block of vectors: the K task vectors and θ_0 as row stacks (write matrices
+        # transposed, tr(XᵀFY) = ⟨Xᵀ, YᵀF⟩), all times F at once; the Gram matrix is one small GEMM.
         key = module_key(role)
         st = stats.setdefault(key, {"gram": torch.zeros(K, K, dtype=torch.float64), "base_sq": 0.0,
                                     "first": name, "tensors": 0})
-        for j in range(K):
-            for k in range(j, K):
-                g = float(torch.dot(deltas[j].reshape(-1), Fd[k].reshape(-1)))
-                st["gram"][j, k] += g
-                if j != k:
-                    st["gram"][k, j] += g
-        st["base_sq"] += float(torch.dot(t0.reshape(-1), apply(t0).reshape(-1)))
+        rows = [x.T for x in (*deltas, t0)] if metric == "write" else [*deltas, t0]
+        if metric == "plain":
+            rows = [x.reshape(1, -1) for x in rows]
+        g = torch.zeros(K, K, dtype=torch.float64, device=t0.device)
+        base_sq = 0.0
+        for lo in range(0, rows[0].shape[0], _STATS_ROWS):
+            Z = torch.stack([x[lo : lo + _STATS_ROWS] for x in rows])
+            Zf = Z.reshape(K + 1, -1)
+            FZf = Zf if metric == "plain" else (Z.reshape(-1, Z.shape[-1]) @ F32).reshape(K + 1, -1)
+            g += (Zf[:K] @ FZf[:K].T).double()
+            base_sq += float(torch.dot(Zf[K], FZf[K]))
+        st["gram"] += (0.5 * (g + g.T)).cpu()
+        st["base_sq"] += base_sq
         st["tensors"] += 1
     return stats
 
@@ -809,12 +847,16 @@ def compute_alignment(cfg: Any, sources: list[Checkpoint], base: Checkpoint | No
     t_stats = 0.0
     for layer in range(arch.num_layers):
         cache: dict[Any, Any] = {}
+        for v in views.values():
+            v.keep_aligned(True)  # one read per tensor for matching + statistics
         for key in keys:
             if key != anchor_key:
                 perm_records[key][str(layer)] = match_layer(views[anchor_key], views[key], layer, F,
                                                             s.perm_identity, cache)
         ts = time.perf_counter()
         _task_stats(src_views, base_view, by_layer.pop(layer, []), arch, F, stats)
+        for v in views.values():
+            v.keep_aligned(False)
         t_stats += time.perf_counter() - ts
     ts = time.perf_counter()
     _task_stats(src_views, base_view, [n for names in by_layer.values() for n in names], arch, F, stats)
