@@ -109,50 +109,7 @@ def parent_names(uris: list[str]) -> list[str]:
 def record_pipeline_status(
     pipeline_run: str, state: str, error: str, registered_model_name: str, tracking_uri: str | None
 ) -> list[str]:
-    """Tag the run's MLflow records with its final state (the exit handler's job); return the run ids.
-
-    The merge run(s) and model version(s) tagged ``seme.pipeline_run = pipeline_run`` get
-    ``seme.pipeline_status`` (and ``seme.pipeline_error`` when it failed). A run that failed before
-    anything was logged gets a run of its own in experiment ``seme``, ended as FAILED, so every
-    pipeline run is visible in MLflow.
-    """
+    """The exit handler's job: tag the run's MLflow records with its final state (see seme.registry)."""
     from seme import registry
 
-    uri = registry.resolve_tracking_uri(tracking_uri)
-    c = registry.client(uri)
-    tags = {"seme.pipeline_status": state}
-    if error:
-        tags["seme.pipeline_error"] = error[:4000]
-    exp = registry._call("get experiment 'seme'", uri, c.get_experiment_by_name, registry.EXPERIMENT)
-    runs = []
-    if exp is not None:
-        filt = f"tags.`{registry.TAG_PIPELINE}` = '{pipeline_run}'"
-        runs = registry._call("search runs", uri, c.search_runs, [exp.experiment_id], filt)
-    if not runs:
-        exp_id = exp.experiment_id if exp is not None else registry._experiment_id(c, uri)
-        run = registry._call(
-            "create run", uri, c.create_run, exp_id, run_name=f"pipeline {pipeline_run}",
-            tags={registry.TAG_PIPELINE: pipeline_run},
-        )  # fmt: skip
-        registry._call(
-            "end run",
-            uri,
-            c.set_terminated,
-            run.info.run_id,
-            status="FAILED" if state != "SUCCEEDED" else "FINISHED",
-        )
-        runs = [run]
-    for r in runs:
-        for k, v in tags.items():
-            registry._call("tag run", uri, c.set_tag, r.info.run_id, k, v)
-    filt = f"name = '{registered_model_name}' and tags.`{registry.TAG_PIPELINE}` = '{pipeline_run}'"
-    try:
-        versions = c.search_model_versions(filt)
-    except Exception:  # noqa: BLE001 - no registered model yet: nothing to tag
-        versions = []
-    for mv in versions:
-        for k, v in tags.items():
-            registry._call(
-                "tag version", uri, c.set_model_version_tag, registered_model_name, mv.version, k, v
-            )
-    return [r.info.run_id for r in runs]
+    return registry.record_pipeline_status(pipeline_run, state, error, registered_model_name, tracking_uri)

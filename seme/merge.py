@@ -144,7 +144,7 @@ def check_compatible(cks: list[Checkpoint]) -> None:
                 )
         extra = names.difference(ref.names)
         if extra:
-            raise CheckpointError(f"{ck.path}: tensor {sorted(extra)[0]} is not present in {ref.path}")
+            raise CheckpointError(f"{ck.path}: tensor {min(extra)} is not present in {ref.path}")
 
 
 def cached_sha256(f: Path) -> str:
@@ -312,8 +312,10 @@ def run_merge(
             out_config.pop("dtype", None)
         side = copy_side_files(tok_src.path, tmp, config=out_config)
         extra = seme_merger.manifest_extra() if seme_merger else {}
+        artifacts: list[str] = []
         if seme_merger is not None:
             seme_merger.write_artifacts(tmp)
+            artifacts = sorted(str(p.relative_to(tmp)) for p in (tmp / "seme_alignment").rglob("*") if p.is_file())
         seconds = time.perf_counter() - t0
         manifest = {
             "seme_version": __version__,
@@ -338,7 +340,7 @@ def run_merge(
             **({"seme": extra} if extra else {}),
         }
         (tmp / "README.md").write_text(model_card(manifest))
-        manifest["files"] = file_records(tmp, [*files, *side, "README.md"], known=writer.sha256s())
+        manifest["files"] = file_records(tmp, [*files, *side, *artifacts, "README.md"], known=writer.sha256s())
         (tmp / "seme_manifest.json").write_text(json.dumps(manifest, indent=2))
     for ck in {id(c): c for c in ([base] if base else []) + sources}.values():
         ck.close()
@@ -403,8 +405,10 @@ def model_card(manifest: dict[str, Any]) -> str:
         "---",
         f"# Merged model ({manifest['method']})",
         "",
-        f"Produced by seme {manifest['seme_version']} on {manifest['created']} "
-        f"({manifest['device']}, {manifest['wall_seconds']} s).",
+        (
+            f"Produced by seme {manifest['seme_version']} on {manifest['created']} "
+            f"({manifest['device']}, {manifest['wall_seconds']} s)."
+        ),
         "",
         f"- method: `{manifest['method']}`",
         f"- base model: `{cfg.get('base_model')}`",

@@ -564,3 +564,53 @@ def rollback(name: str, *, tracking_uri: str | None = None) -> dict[str, str | N
     _move_aliases(c, uri, name, [(PRODUCTION, prev), (PREVIOUS, prod)], before)
     log.info("%s: rolled back production %s -> %s", name, prod, prev)
     return {PRODUCTION: prev, PREVIOUS: prod}
+
+
+def record_pipeline_status(
+    pipeline_run: str, state: str, error: str, registered_model_name: str, tracking_uri: str | None
+) -> list[str]:
+    """Tag the run's MLflow records with its final state (the exit handler's job); return the run ids.
+
+    The merge run(s) and model version(s) tagged ``seme.pipeline_run = pipeline_run`` get
+    ``seme.pipeline_status`` (and ``seme.pipeline_error`` when it failed). A run that failed before
+    anything was logged gets a run of its own in experiment ``seme``, ended as FAILED, so every
+    pipeline run is visible in MLflow.
+    """
+    uri = resolve_tracking_uri(tracking_uri)
+    c = client(uri)
+    tags = {"seme.pipeline_status": state}
+    if error:
+        tags["seme.pipeline_error"] = error[:4000]
+    exp = _call("get experiment 'seme'", uri, c.get_experiment_by_name, EXPERIMENT)
+    runs = []
+    if exp is not None:
+        filt = f"tags.`{TAG_PIPELINE}` = '{pipeline_run}'"
+        runs = _call("search runs", uri, c.search_runs, [exp.experiment_id], filt)
+    if not runs:
+        exp_id = exp.experiment_id if exp is not None else _experiment_id(c, uri)
+        run = _call(
+            "create run", uri, c.create_run, exp_id, run_name=f"pipeline {pipeline_run}",
+            tags={TAG_PIPELINE: pipeline_run},
+        )  # fmt: skip
+        _call(
+            "end run",
+            uri,
+            c.set_terminated,
+            run.info.run_id,
+            status="FAILED" if state != "SUCCEEDED" else "FINISHED",
+        )
+        runs = [run]
+    for r in runs:
+        for k, v in tags.items():
+            _call("tag run", uri, c.set_tag, r.info.run_id, k, v)
+    filt = f"name = '{registered_model_name}' and tags.`{TAG_PIPELINE}` = '{pipeline_run}'"
+    try:
+        versions = c.search_model_versions(filt)
+    except Exception:  # noqa: BLE001 - no registered model yet: nothing to tag
+        versions = []
+    for mv in versions:
+        for k, v in tags.items():
+            _call(
+                "tag version", uri, c.set_model_version_tag, registered_model_name, mv.version, k, v
+            )
+    return [r.info.run_id for r in runs]
