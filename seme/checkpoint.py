@@ -180,12 +180,12 @@ class Checkpoint:
     def _scan(self, f: Path) -> None:
         try:
             h = safe_open(str(f), framework="pt")
-            for name in h.keys():
+            for name in h.keys():  # noqa: SIM118 - a safe_open handle, not a dict
                 sl = h.get_slice(name)
                 self._meta[name] = (sl.get_dtype(), tuple(sl.get_shape()))
                 self._where[name] = f
             mapped = _MappedFile(f)  # safe_open has validated the header and the offsets
-        except Exception as e:  # safetensors raises SafetensorError / OSError with terse text
+        except Exception as e:  # noqa: BLE001 - safetensors raises SafetensorError/OSError/ValueError
             raise CheckpointError(f"{f}: corrupt or truncated safetensors file ({e})") from None
         self._handles[f] = h
         self._maps[f] = mapped
@@ -195,7 +195,7 @@ class Checkpoint:
         for f in files:
             try:
                 sd = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - unpickling errors have many types
                 raise CheckpointError(f"{f}: cannot load pickle checkpoint ({e})") from None
             for name, t in sd.items():
                 self._pickle[name] = t
@@ -242,7 +242,7 @@ class Checkpoint:
         f = self._where[name]
         try:
             return self._handles[f].get_tensor(name)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - any read failure becomes one clear error
             raise CheckpointError(f"{f}: cannot read tensor {name} ({e})") from None
 
     def view(self, name: str) -> torch.Tensor:
@@ -369,7 +369,7 @@ class CheckpointWriter:
             raw = json.dumps(header, separators=(",", ":")).encode()
             raw += b" " * (-len(raw) % 8)
             path = self.out_dir / self.filenames[i]
-            fh = open(path, "wb")
+            fh = open(path, "wb")  # noqa: SIM115 - kept open while tensors stream in; closed in close()/abort()
             fh.write(struct.pack("<Q", len(raw)))
             fh.write(raw)
             base = fh.tell()

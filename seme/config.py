@@ -151,7 +151,7 @@ def evaluate(value: Any, tensor_name: str, t: float) -> Any:
             if len(value) == 1:
                 return value[0]
             pos = t * (len(value) - 1)
-            lo = min(int(math.floor(pos)), len(value) - 2)
+            lo = min(math.floor(pos), len(value) - 2)
             frac = pos - lo
             return (1 - frac) * value[lo] + frac * value[lo + 1]
         raise ConfigError(f"parameter list {value!r} mixes numbers and filter entries")

@@ -1,4 +1,5 @@
 """Shared fixtures: tiny real Hugging Face checkpoints built from transformers configs."""
+# ruff: noqa: C408  (keyword dicts read like the transformers configs they build)
 
 from __future__ import annotations
 
@@ -15,10 +16,7 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/services.py and helpers importable
 
-try:  # service fixtures (moto S3, MLflow) live in tests/services.py
-    pytest_plugins = ["services"] if (Path(__file__).parent / "services.py").exists() else []
-except Exception:  # pragma: no cover
-    pytest_plugins = []
+pytest_plugins = ["services"]  # service fixtures (moto S3, MLflow) live in tests/services.py
 
 TINY = {
     "llama": dict(

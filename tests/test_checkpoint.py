@@ -89,16 +89,14 @@ def test_pickle_refused_unless_allowed(tmp_path):
 
 def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
     out = tmp_path / "out"
-    with pytest.raises(RuntimeError):
-        with atomic_dir(out) as tmp:
-            (tmp / "model.safetensors").write_text("partial")
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), atomic_dir(out) as tmp:
+        (tmp / "model.safetensors").write_text("partial")
+        raise RuntimeError("boom")
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []
     out.mkdir()
-    with pytest.raises(OutputError, match="already exists"):
-        with atomic_dir(out):
-            pass
+    with pytest.raises(OutputError, match="already exists"), atomic_dir(out):
+        pass
     with atomic_dir(out, overwrite=True) as tmp:
         (tmp / "x").write_text("new")
     assert (out / "x").read_text() == "new"
