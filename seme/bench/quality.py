@@ -176,9 +176,11 @@ def summarize(rows: list[dict[str, Any]], tasks: list[str]) -> dict[str, Any]:
     winners = {}
     for t in tasks:
         if merged:
-            best = max(merged, key=lambda r: r["metrics"]["tasks"][t]["value"])
-            winners[t] = {"label": best["label"], "value": best["metrics"]["tasks"][t]["value"],
-                          "norm": best["norm"][t]}
+            top = max(r["metrics"]["tasks"][t]["value"] for r in merged)
+            best = [r for r in merged if r["metrics"]["tasks"][t]["value"] == top]
+            # a tie is reported as a tie, and "nobody solves anything" is not a win
+            winners[t] = {"label": " = ".join(r["label"] for r in best) if top > 0 else None,
+                          "value": top, "norm": best[0]["norm"][t]}
     pareto = []
     for r in merged:
         dominated = any(
@@ -240,7 +242,10 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         L.append("| " + " | ".join(cells) + " |")
     L += ["", "## Which method wins each task (best raw score among merged models)", ""]
     for t, w in s["winners"].items():
-        L.append(f"- **{t}**: {w['label']} ({w['value']:.3f}, {_fmt(w['norm'], 2)} of the expert)")
+        if w["label"] is None:
+            L.append(f"- **{t}**: none: every merged model scores 0")
+        else:
+            L.append(f"- **{t}**: {w['label']} ({w['value']:.3f}, {_fmt(w['norm'], 2)} of the expert)")
     L += ["", "## Pareto front (mean normalized task score ↑ vs prose perplexity ↓)", "",
           ", ".join(s["pareto"]) or "–", "", "## At matched general perplexity", "",
           ("Best mean normalized task score per method family among its settings whose prose perplexity "
