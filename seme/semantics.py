@@ -91,7 +91,7 @@ def compute_basis(W: torch.Tensor, where: str, ridge: float = 1e-6, device: str 
     G = torch.zeros(d, d, dtype=torch.float64, device=W.device)
     for lo in range(0, V, CHUNK):
         c = W[lo : lo + CHUNK]
-        G += c.T @ c
+        G.addmm_(c.T, c)
     evals = torch.linalg.eigvalsh(G)
     top = float(evals[-1])
     if not math.isfinite(top) or top <= 0:
@@ -110,10 +110,10 @@ def compute_basis(W: torch.Tensor, where: str, ridge: float = 1e-6, device: str 
     F = torch.zeros(d, d, dtype=torch.float64, device=W.device)
     for lo in range(0, V, CHUNK):
         s = W[lo : lo + CHUNK] @ minv
-        n = s.norm(dim=1)
-        inv_norm[lo : lo + CHUNK] = 1.0 / n.clamp_min(1e-300)
-        s = s / n.clamp_min(1e-300)[:, None]
-        F += s.T @ s
+        n = s.norm(dim=1).clamp_min_(1e-300)
+        inv_norm[lo : lo + CHUNK] = 1.0 / n
+        s.div_(n[:, None])
+        F.addmm_(s.T, s)
     # Check (§2): argmax_j s_i·w_j = i for nearly all i, on an evenly spaced probe of tokens.
     idx = torch.arange(0, V, max(1, V // probe), device=W.device)[:probe]
     hits = 0
@@ -122,9 +122,8 @@ def compute_basis(W: torch.Tensor, where: str, ridge: float = 1e-6, device: str 
         part = idx[lo : lo + 256]
         scores = (W[part] @ minv).float() @ W32.T  # a check: float32 is plenty
         hits += int((scores.argmax(dim=1) == part).sum())
-    del W32
     return SemanticBasis(
-        W=W.float(), minv=minv, inv_norm=inv_norm, F=0.5 * (F + F.T), eps=eps, rank=rank,
+        W=W32, minv=minv, inv_norm=inv_norm, F=0.5 * (F + F.T), eps=eps, rank=rank,
         self_recovery=hits / max(1, idx.numel()), source=where,
     )
 
