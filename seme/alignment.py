@@ -214,6 +214,7 @@ class ModelView:
         self.device = device
         self.anchor_vocab = anchor_vocab
         self._gains: dict[str, torch.Tensor] = {}
+        self._aligned: dict[str, torch.Tensor] | None = None  # see keep_aligned
         self._rot32 = al.rotation.to(device=device, dtype=torch.float32) if al.rotation is not None else None
 
     def _raw(self, name: str) -> torch.Tensor:
@@ -242,7 +243,7 @@ class ModelView:
 
     def get(self, name: str) -> torch.Tensor:
         role = self.arch.role(name)
-        cache = getattr(self, "_aligned", None)
+        cache = self._aligned
         t = cache.get(name) if cache is not None else None
         if t is None:
             t = self._align_residual(name, role)
@@ -759,7 +760,7 @@ def model_sha256(ckpt: Checkpoint) -> dict[str, str]:
 def compute_alignment(cfg: Any, sources: list[Checkpoint], base: Checkpoint | None, device: str = "cpu",
                       progress: bool = False) -> Alignment:
     """Estimate rotations, permutations and vocabulary maps, and the Select statistics (§3-§4)."""
-    t_start = time.perf_counter()
+    t_start, c_start = time.perf_counter(), time.process_time()  # wall and CPU seconds per phase
     timings: dict[str, float] = {}
     device = resolve_device(device)
     s = Settings.from_config(cfg)
@@ -789,13 +790,14 @@ def compute_alignment(cfg: Any, sources: list[Checkpoint], base: Checkpoint | No
         vocab_records[key] = rec
 
     # Semantic bases.
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     bases = {key: model_basis(ck, layout, als[key].vocab_map, s.ridge, device) for key, ck in models}
     ba = bases[anchor_key]
     timings["bases_s"] = time.perf_counter() - t
+    timings["bases_cpu_s"] = time.process_time() - c
 
     # Residual rotation.
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     rot_records: dict[str, Any] = {}
     rotations: dict[str, torch.Tensor] = {}
     others = [key for key in keys if key != anchor_key]
@@ -832,9 +834,10 @@ def compute_alignment(cfg: Any, sources: list[Checkpoint], base: Checkpoint | No
         if applied and key != anchor_key:
             al.rotation = rotations[key]
     timings["rotation_s"] = time.perf_counter() - t
+    timings["rotation_cpu_s"] = time.process_time() - c
 
     # Unit permutations (after rotation), then Select statistics, layer by layer.
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     views = {key: ModelView(ck, layout, als[key], device=device) for key, ck in models}
     F = ba.F
     perm_records: dict[str, dict[str, Any]] = {key: {} for key in keys}
@@ -844,7 +847,7 @@ def compute_alignment(cfg: Any, sources: list[Checkpoint], base: Checkpoint | No
     for n in anchor.names:
         by_layer.setdefault(arch.role(n).layer, []).append(n)
     stats: dict[str, dict[str, Any]] = {}
-    t_stats = 0.0
+    t_stats = c_stats = 0.0
     for layer in range(arch.num_layers):
         cache: dict[Any, Any] = {}
         for v in views.values():
@@ -853,16 +856,20 @@ def compute_alignment(cfg: Any, sources: list[Checkpoint], base: Checkpoint | No
             if key != anchor_key:
                 perm_records[key][str(layer)] = match_layer(views[anchor_key], views[key], layer, F,
                                                             s.perm_identity, cache)
-        ts = time.perf_counter()
+        ts, cs = time.perf_counter(), time.process_time()
         _task_stats(src_views, base_view, by_layer.pop(layer, []), arch, F, stats)
         for v in views.values():
             v.keep_aligned(False)
         t_stats += time.perf_counter() - ts
-    ts = time.perf_counter()
+        c_stats += time.process_time() - cs
+    ts, cs = time.perf_counter(), time.process_time()
     _task_stats(src_views, base_view, [n for names in by_layer.values() for n in names], arch, F, stats)
     t_stats += time.perf_counter() - ts
+    c_stats += time.process_time() - cs
     timings["select_stats_s"] = t_stats
     timings["permutations_s"] = time.perf_counter() - t - t_stats
+    timings["select_stats_cpu_s"] = c_stats
+    timings["permutations_cpu_s"] = time.process_time() - c - c_stats
 
     # Token subset T (anchor ids every source has).
     shared = torch.ones(va, dtype=torch.bool)
@@ -904,6 +911,7 @@ def compute_alignment(cfg: Any, sources: list[Checkpoint], base: Checkpoint | No
         modules[key] = {"gram": st["gram"].tolist(), "base_sq": st["base_sq"], "first_tensor": st["first"],
                         **sc}
     timings["total_s"] = time.perf_counter() - t_start
+    timings["total_cpu_s"] = time.process_time() - c_start
     meta = {
         "format_version": FORMAT_VERSION,
         "method": "seme",

@@ -164,6 +164,7 @@ class SemeMerger:
         self.P = pseudo_inverse_rows(S_T).to(device=device, dtype=torch.float32)
         del basis
         self.timings: dict[str, float] = {"erase_basis_s": time.perf_counter() - t, "erase_s": 0.0,
+                                          "erase_cpu_s": 0.0, "merge_cpu_s": 0.0,
                                           "merge_s": 0.0}
         self.modules = self._plan_modules()
 
@@ -206,7 +207,7 @@ class SemeMerger:
     # -- merging ---------------------------------------------------------------------------------
     def merge_tensor(self, name: str) -> torch.Tensor:
         """The merged tensor ``name`` (float32, the anchor's layout); the executor casts and writes it."""
-        t_start = time.perf_counter()
+        t_start, c_start = time.perf_counter(), time.process_time()  # CPU: the whole process
         role = self.arch.role(name)
         tv = task_vectors(self.src_views, self.base_view, name)
         if tv is None:  # integer buffers: the anchor's
@@ -224,18 +225,20 @@ class SemeMerger:
             out = t0
         elif (role.kind in ("read", "write") and t0.dim() == 2 and self.settings.erase == "ties"
               and len(sel) >= 2):
-            te = time.perf_counter()
+            te, ce = time.perf_counter(), time.process_time()
             # vectors as rows: write columns (transposed once) or read rows (as stored)
             X = torch.stack([mod["lambda"][k] * (deltas[k].T if role.kind == "write" else deltas[k])
                              for k in sel])
             merged = erase_ties_rows(X, self.S_T, self.P, self.settings.density, self.settings.block_size)
             out = t0 + alpha * (merged.T if role.kind == "write" else merged)
             self.timings["erase_s"] += time.perf_counter() - te
+            self.timings["erase_cpu_s"] += time.process_time() - ce
         else:
             out = t0 + alpha * sum(mod["lambda"][k] * deltas[k] for k in sel)
         if role.transposed and out.dim() == 2:
             out = out.T
         self.timings["merge_s"] += time.perf_counter() - t_start
+        self.timings["merge_cpu_s"] += time.process_time() - c_start
         return out.contiguous()
 
     def _merge_rows(self, t0: torch.Tensor, deltas: list[torch.Tensor], masks: list[torch.Tensor | None],

@@ -173,6 +173,14 @@ def main() -> None:
         (f"CPU seconds: align {report['align_cpu_s']}, merge {report['merge_cpu_s']}; load average at the "
          f"end {report['load_average'][0]:.1f}. Peak RSS {report['peak_rss_mb']} MB. "
          f"Rotation: {meta['rotation']['reason']}."),
+        "",
+        "CPU seconds per phase (process-wide): align "
+        + ", ".join(f"{k.removesuffix('_cpu_s')} {v}" for k, v in report["align_breakdown_s"].items()
+                    if k.endswith("_cpu_s"))
+        + "; merge "
+        + ", ".join(f"{k.removesuffix('_cpu_s')} {v}" for k, v in report["merge_breakdown_s"].items()
+                    if k.endswith("_cpu_s"))
+        + ".",
     ]
     (out / "bench_seme.md").write_text("\n".join(md) + "\n")
     print(json.dumps(report, indent=2))
