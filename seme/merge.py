@@ -21,6 +21,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -285,10 +286,16 @@ def run_merge(
                             gp = resolver.global_params(name, t)
                             mp = [resolver.model_params(k, name, t) for k in range(len(sources))]
                             rng = torch.Generator(device=dev).manual_seed(tensor_seed(cfg.seed, name))
-                            if spec.name in ELEMENTWISE and _nbytes(ts[0]) > CHUNK_BYTES and ts[0].dim() > 1:
+                            big = _nbytes(ts[0]) > CHUNK_BYTES and ts[0].dim() > 1
+                            state = spec.prepare(b, ts, mp, gp, rng) if big and spec.fn_block else None
+                            if spec.name in ELEMENTWISE and big:
                                 merged = _merge_rows(spec.fn, b, ts, mp, gp, rng, od, name, inputs)
+                            elif state is not None:  # two-pass method: statistics, then row blocks
+                                merged = _merge_rows(spec.fn, b, ts, mp, gp, rng, od, name, inputs,
+                                                     block=partial(spec.fn_block, state))
                             else:
                                 merged = spec.fn(b, ts, mp, gp, rng)
+                            del state
                         del b, ts
                     merged = merged.to(dtype=od)
                     check_finite(name, merged, "merge result")
@@ -351,8 +358,10 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _merge_rows(fn, b, ts, mp, gp, rng, od: torch.dtype, name: str, inputs: list[Checkpoint]) -> torch.Tensor:
-    """An element-wise method applied block of rows by block of rows into one output tensor.
+def _merge_rows(fn, b, ts, mp, gp, rng, od: torch.dtype, name: str, inputs: list[Checkpoint],
+                block=None) -> torch.Tensor:
+    """An element-wise method ``fn`` (or, given ``block(base_rows, rows, row0)``, pass 2 of a
+    two-pass method) applied block of rows by block of rows into one output tensor.
 
     Each block's input pages are released as soon as it is done, so resident memory is the output
     plus one block's worth of inputs and temporaries, not K whole tensors and a float32 copy.
@@ -367,7 +376,8 @@ def _merge_rows(fn, b, ts, mp, gp, rng, od: torch.dtype, name: str, inputs: list
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
         bb = b[r0:r1] if b is not None else None
-        out[r0:r1] = fn(bb, [bb if t is b else t[r0:r1] for t in ts], mp, gp, rng)
+        rs = [bb if t is b else t[r0:r1] for t in ts]
+        out[r0:r1] = fn(bb, rs, mp, gp, rng) if block is None else block(bb, rs, r0)
         for ck in inputs:
             ck.release(name, (r0, r1))
     return out

@@ -31,6 +31,13 @@ class MethodSpec:
     """A registered merge method.
 
     ``global_params`` / ``model_params`` map parameter name -> default (``None``: required).
+
+    A method whose result needs whole-tensor statistics (e.g. TIES's top-k threshold) but is
+    otherwise element-wise may also give ``prepare(base, tensors, model_params, params, rng) ->
+    state`` (pass 1: the statistics; None: use ``fn`` on the whole tensor) and
+    ``fn_block(state, base_rows, rows, row0) -> Tensor`` (pass 2: the result for the rows
+    ``row0 …`` given those rows of the inputs). The executor may then merge large tensors block of
+    rows by block of rows; the result must equal ``fn``'s. Both stay pure (no I/O).
     """
 
     name: str
@@ -39,6 +46,8 @@ class MethodSpec:
     global_params: dict[str, Any] = field(default_factory=dict)
     model_params: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    prepare: Callable[..., Any] | None = None
+    fn_block: Callable[..., Any] | None = None
 
 
 _REGISTRY: dict[str, MethodSpec] = {}

@@ -180,17 +180,7 @@ def gta_merge(
     consensus: bool,
 ) -> torch.Tensor:
     """The shared recipe (module docstring); ``sparsify`` is None, "magnitude" or "random"."""
-    idx = non_base(method, base, tensors)
-    if not base.is_floating_point():
-        raise ConfigError(f"{method}: tensors must be floating point, got {base.dtype}")
-    normalize = as_bool(method, "normalize", params["normalize"])
-    lam = as_float(method, "lambda", params["lambda"])
-    rescale = rescale_mode(method, params.get("rescale", False))
-    weights = [as_float(method, "weight", model_params[i].get("weight"), f"model {i}") for i in idx]
-    dens = [
-        density(method, model_params[i].get("density", 1.0), f"model {i}") if sparsify else 1.0
-        for i in idx
-    ]
+    idx, normalize, lam, rescale, weights, dens = _settings(method, base, tensors, model_params, params, sparsify)
     if not idx:
         return base
     if sparsify == "random" and rng is None:
@@ -203,6 +193,39 @@ def gta_merge(
             magnitude_(d, dens[j], rescale)
         elif sparsify == "random":
             dare_(d, dens[j], rescale, rng)
+    mixed = _combine(deltas, weights, base, normalize, consensus)
+    del deltas
+    return _finish(mixed, lam, base)
+
+
+def _settings(
+    method: str,
+    base: torch.Tensor | None,
+    tensors: list[torch.Tensor],
+    model_params: list[dict],
+    params: dict,
+    sparsify: str | None,
+) -> tuple[list[int], bool, float, str | None, list[float], list[float]]:
+    """Checked parameters: (non-base indices, normalize, lambda, rescale, weights, densities)."""
+    idx = non_base(method, base, tensors)
+    if not base.is_floating_point():
+        raise ConfigError(f"{method}: tensors must be floating point, got {base.dtype}")
+    normalize = as_bool(method, "normalize", params["normalize"])
+    lam = as_float(method, "lambda", params["lambda"])
+    rescale = rescale_mode(method, params.get("rescale", False))
+    weights = [as_float(method, "weight", model_params[i].get("weight"), f"model {i}") for i in idx]
+    dens = [
+        density(method, model_params[i].get("density", 1.0), f"model {i}") if sparsify else 1.0
+        for i in idx
+    ]
+    return idx, normalize, lam, rescale, weights, dens
+
+
+def _combine(
+    deltas: torch.Tensor, weights: list[float], base: torch.Tensor, normalize: bool, consensus: bool
+) -> torch.Tensor:
+    """Steps 3-5 on the sparsified task vectors ``deltas`` (K, ...), in place: weight, (elect the
+    sign,) sum, normalize; :func:`_finish` applies λ and adds the base."""
     w = torch.tensor(weights, dtype=deltas.dtype, device=deltas.device).view(-1, *([1] * base.dim()))
     deltas.mul_(w)
 
@@ -214,10 +237,168 @@ def gta_merge(
             divisor = w.sum(dim=0)
             divisor[divisor.abs() < 1e-8] = 1
             mixed.div_(divisor)
-    del deltas
+    return mixed
+
+
+def _finish(mixed: torch.Tensor, lam: float, base: torch.Tensor) -> torch.Tensor:
+    """θ = θ_base + λ·Δ, in place on ``mixed``."""
     if lam != 1.0:
         mixed.mul_(lam)
     return mixed.add_(base)
+
+
+# --- TIES in two passes (streamed by the executor in row blocks) --------------------------------
+#
+# Pass 1 (:func:`ties_prepare`) reduces each task vector to a few numbers, one source at a time and
+# block by block: the top-k threshold t on the bit patterns of |δ| (a 15-bit histogram summed over
+# blocks, exact; for float32 the candidates of the one bucket holding the k-th entry are gathered
+# with their flat indices and the pick made among them), the flat index ``cut`` before which the
+# entries equal to t are kept (topk_mask's tie rule: lowest indices first) and, for ``rescale:
+# l1``, the factor before/after. Pass 2 (:func:`ties_block`) recomputes δ for a block of rows and
+# applies exactly the whole-tensor operations, element-wise: the result is bit-identical to
+# :func:`gta_merge`. The L1 norms are float64 sums of per-block float64 sums, rounded once, as the
+# whole-tensor sum is (whose own order already depends on the thread count).
+
+_PASS1_ELEMS = 1 << 18  # elements per pass-1 block (a multiple of 64): δ, key and masks stay small
+
+
+def _blocks(n: int) -> range:
+    return range(0, n, _PASS1_ELEMS)
+
+
+def _delta_block(t: torch.Tensor, b: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """δ[lo:hi] of the flat tensors ``t`` and ``b``."""
+    return torch.sub(t[lo:hi], b[lo:hi])
+
+
+def _abs_key(d: torch.Tensor, itype: torch.dtype) -> torch.Tensor:
+    """Bit patterns of |d| as non-negative ints (they order like |d|)."""
+    nbits = 32 if itype == torch.int32 else 16
+    return d.view(itype) & ((1 << (nbits - 1)) - 1)
+
+
+def _drop_mask(key: torch.Tensor, thr: object, cut: int, lo: int) -> torch.Tensor:
+    """Entries of a block starting at flat index ``lo`` that the top-k trim zeroes."""
+    hi = lo + key.numel()
+    if cut <= lo:
+        return key <= thr
+    drop = key < thr
+    if cut < hi:
+        flat_key, flat_drop = key.reshape(-1), drop.view(-1)
+        flat_drop[cut - lo :] |= flat_key[cut - lo :] == thr
+    return drop
+
+
+def _trim_stats(t: torch.Tensor, b: torch.Tensor, dens: float, rescale: str | None) -> dict:
+    """Pass 1 for one task vector δ = t − b: what :func:`magnitude_` does, as numbers."""
+    t, b = t.reshape(-1), b.reshape(-1)  # views of the (contiguous) inputs
+    n = b.numel()
+    st: dict = {"thr": None, "cut": n, "factor": None, "div": dens if rescale == "exact" else None}
+    k = max(1, int(dens * n))
+    itype = _INT_VIEW.get(b.dtype)
+    if k < n and itype is None:  # float64 and friends: one whole-tensor δ (rare; not streamed)
+        d = _delta_block(t, b, 0, n)
+        key = d.abs()
+        thr = torch.kthvalue(key, n - k + 1).values
+        n_gt, n_eq = int((key > thr).sum()), int((key == thr).sum())
+        if n_gt + n_eq > k:
+            st["cut"] = int(torch.nonzero(key == thr)[k - n_gt])
+        st["thr"] = thr
+        del d, key
+    elif k < n:
+        nbits = 32 if itype == torch.int32 else 16
+        shift = nbits - 16
+        hist = torch.zeros(1 << 15, dtype=torch.int64, device=b.device)
+        for lo in _blocks(n):
+            key = _abs_key(_delta_block(t, b, lo, lo + _PASS1_ELEMS), itype)
+            hist += torch.bincount(key >> shift if shift else key.int(), minlength=1 << 15)
+        from_top = hist.flip(0).cumsum(0)
+        i = int(torch.searchsorted(from_top, k))
+        bucket = (1 << 15) - 1 - i
+        above = int(from_top[i] - hist[bucket])
+        if not shift:
+            thr, n_gt, n_eq = bucket, above, int(hist[bucket])
+            if n_gt + n_eq > k:  # the (k − n_gt)-th entry equal to thr, in flat order, is dropped
+                need = k - n_gt
+                for lo in _blocks(n):
+                    eq = _abs_key(_delta_block(t, b, lo, lo + _PASS1_ELEMS), itype) == thr
+                    c = int(eq.sum())
+                    if need < c:
+                        st["cut"] = lo + int(torch.nonzero(eq)[need])
+                        break
+                    need -= c
+        else:
+            cands, where = [], []
+            for lo in _blocks(n):
+                key = _abs_key(_delta_block(t, b, lo, lo + _PASS1_ELEMS), itype)
+                pos = torch.nonzero((key >> shift) == bucket).squeeze(1)
+                cands.append(key[pos])
+                where.append(pos + lo)
+            cand, where = torch.cat(cands), torch.cat(where)
+            thr_t = torch.kthvalue(cand, cand.numel() - (k - above) + 1).values
+            thr, n_gt = int(thr_t), above + int((cand > thr_t).sum())
+            ties = where[cand == thr_t]
+            if n_gt + ties.numel() > k:
+                st["cut"] = int(ties[k - n_gt])
+        st["thr"] = thr
+    if rescale == "l1":
+        before = torch.zeros((), dtype=torch.float64, device=b.device)
+        after = torch.zeros((), dtype=torch.float64, device=b.device)
+        for lo in _blocks(n):
+            d = _delta_block(t, b, lo, lo + _PASS1_ELEMS)
+            before += d.abs().sum(dtype=torch.float64)
+            if st["thr"] is not None:
+                key = _abs_key(d, itype) if itype is not None else d.abs()
+                d.masked_fill_(_drop_mask(key, st["thr"], st["cut"], lo), 0)
+            after += d.abs().sum(dtype=torch.float64)
+        before, after = before.to(b.dtype), after.to(b.dtype)
+        if not (before < _EPS or after < _EPS):
+            st["factor"] = before / after
+    return st
+
+
+def ties_prepare(
+    base: torch.Tensor | None,
+    tensors: list[torch.Tensor],
+    model_params: list[dict],
+    params: dict,
+    rng: torch.Generator | None,
+    *,
+    method: str,
+) -> dict | None:
+    """Pass 1 of TIES: per-task-vector trim statistics (see above); None when nothing to merge."""
+    idx, normalize, lam, rescale, weights, dens = _settings(method, base, tensors, model_params, params, "magnitude")
+    if not idx:
+        return None
+    trims = [
+        None if dens[j] >= 1.0 or base.numel() == 0 else _trim_stats(tensors[i], base, dens[j], rescale)
+        for j, i in enumerate(idx)
+    ]
+    return {"idx": idx, "normalize": normalize, "lam": lam, "weights": weights, "trims": trims}
+
+
+def ties_block(state: dict, base: torch.Tensor, tensors: list[torch.Tensor], row0: int) -> torch.Tensor:
+    """Pass 2 of TIES on rows ``row0 …`` of the tensor (``base`` and ``tensors`` are those rows)."""
+    idx = state["idx"]
+    lo = row0 * (base.numel() // base.shape[0]) if base.dim() else 0
+    itype = _INT_VIEW.get(base.dtype)
+    deltas = torch.empty((len(idx), *base.shape), dtype=base.dtype, device=base.device)
+    for j, i in enumerate(idx):
+        d = torch.sub(tensors[i], base, out=deltas[j])
+        st = state["trims"][j]
+        if st is None:
+            continue
+        if st["thr"] is not None:
+            key = _abs_key(d, itype) if itype is not None else d.abs()
+            d.masked_fill_(_drop_mask(key, st["thr"], st["cut"], lo), 0)
+            del key
+        if st["factor"] is not None:
+            d.mul_(st["factor"])
+        elif st["div"] is not None:
+            d.div_(st["div"])
+    mixed = _combine(deltas, state["weights"], base, state["normalize"], True)
+    del deltas
+    return _finish(mixed, state["lam"], base)
 
 
 _GLOBAL = {"normalize": False, "lambda": 1.0, "rescale": False, "int8_mask": False}
@@ -237,5 +418,10 @@ for _name, _sparsify, _consensus, _normalize, _rescale, _desc in (
             global_params={**_GLOBAL, "normalize": _normalize, "rescale": _rescale},
             model_params=dict(_MODEL),
             description=_desc,
+            **(
+                {"prepare": partial(ties_prepare, method=_name), "fn_block": ties_block}
+                if _sparsify == "magnitude"
+                else {}
+            ),
         )
     )
