@@ -4,7 +4,6 @@ JSON + Markdown + PNG reports; failures reported, not hidden; the summary logic 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -16,9 +15,8 @@ from seme.errors import ConfigError
 def tiny_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from seme.zoo import build_zoo
 
-    env = os.environ.get("SEME_ZOO_DIR")
-    root = Path(env) if env else tmp_path_factory.getbasetemp() / "zoo-cache"
-    return build_zoo(root=root, tiny=True, progress=False)
+    # the zoo cache ($SEME_ZOO_DIR or ~/.cache/seme/zoo): built once per machine, keyed by recipe
+    return build_zoo(tiny=True, progress=False)
 
 
 def test_quick_bench_two_methods_writes_reports(tiny_zoo: Path, tmp_path: Path, capsys) -> None:

@@ -7,7 +7,6 @@ zoo's on-disk cache.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -20,9 +19,8 @@ from seme.errors import EvalError
 def tiny_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from seme.zoo import build_zoo
 
-    env = os.environ.get("SEME_ZOO_DIR")
-    root = Path(env) if env else tmp_path_factory.getbasetemp() / "zoo-cache"
-    return build_zoo(root=root, tiny=True, progress=False)
+    # the zoo cache ($SEME_ZOO_DIR or ~/.cache/seme/zoo): built once per machine, keyed by recipe
+    return build_zoo(tiny=True, progress=False)
 
 
 @pytest.fixture(scope="session")
