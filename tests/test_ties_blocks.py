@@ -96,3 +96,13 @@ def test_executor_merges_ties_in_row_blocks(tmp_path, monkeypatch) -> None:
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("n", [5, 8192, 3 * 8192 + 17])
+def test_nth_true_matches_nonzero(n) -> None:
+    g = torch.Generator().manual_seed(n)
+    mask = torch.rand(n, generator=g) < 0.3
+    where = torch.nonzero(mask).squeeze(1)
+    for m in {0, where.numel() // 2, where.numel() - 1}:
+        assert gta._nth_true(mask, m, chunk=8192) == int(where[m])
+        assert gta._nth_true(mask, m, chunk=64) == int(where[m])

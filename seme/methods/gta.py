@@ -287,6 +287,22 @@ def _keep_mask(key: torch.Tensor, thr: object, cut: int, lo: int) -> torch.Tenso
     return keep
 
 
+def _nth_true(mask: torch.Tensor, m: int, chunk: int = 1 << 13) -> int:
+    """Flat index of the ``m``-th (0-based) True of ``mask``, which holds more than ``m`` Trues.
+
+    Counts per chunk first, so ``nonzero`` runs on one chunk instead of the whole block."""
+    whole = mask.numel() // chunk * chunk
+    if whole:
+        cum = mask[:whole].view(-1, chunk).sum(1).cumsum(0)
+        j = int(torch.searchsorted(cum, m, right=True))  # first chunk whose running count exceeds m
+        if j < cum.numel():
+            start = j * chunk
+            m -= int(cum[j - 1]) if j else 0
+            return start + int(torch.nonzero(mask[start : start + chunk])[m])
+        m -= int(cum[-1])
+    return whole + int(torch.nonzero(mask[whole:])[m])
+
+
 def _trim_stats(t: torch.Tensor, b: torch.Tensor, dens: float, rescale: str | None) -> dict:
     """Pass 1 for one task vector δ = t − b: what :func:`magnitude_` does, as numbers."""
     t, b = t.reshape(-1), b.reshape(-1)  # views of the (contiguous) inputs
@@ -327,7 +343,7 @@ def _trim_stats(t: torch.Tensor, b: torch.Tensor, dens: float, rescale: str | No
                     c = int(h[thr])
                     if need < c:
                         eq = _abs_key(_delta_block(t, b, lo, lo + _PASS1_ELEMS), itype) == thr
-                        st["cut"] = lo + int(torch.nonzero(eq)[need])
+                        st["cut"] = lo + _nth_true(eq, need)
                         break
                     need -= c
             del per_block
