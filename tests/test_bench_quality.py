@@ -11,14 +11,6 @@ import pytest
 from seme.errors import ConfigError
 
 
-@pytest.fixture(scope="session")
-def tiny_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from seme.zoo import build_zoo
-
-    # the zoo cache ($SEME_ZOO_DIR or ~/.cache/seme/zoo): built once per machine, keyed by recipe
-    return build_zoo(tiny=True, progress=False)
-
-
 def test_quick_bench_two_methods_writes_reports(tiny_zoo: Path, tmp_path: Path, capsys) -> None:
     from seme.bench.quality import main
 

@@ -16,14 +16,6 @@ from seme.errors import EvalError
 
 
 @pytest.fixture(scope="session")
-def tiny_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from seme.zoo import build_zoo
-
-    # the zoo cache ($SEME_ZOO_DIR or ~/.cache/seme/zoo): built once per machine, keyed by recipe
-    return build_zoo(tiny=True, progress=False)
-
-
-@pytest.fixture(scope="session")
 def tiny_metrics(tiny_zoo: Path) -> dict[str, dict]:
     from seme.evaluation import evaluate
 

@@ -351,3 +351,134 @@ def test_schedule_refuses_bad_input_before_calling_the_server(tmp_path, kfp_api,
     assert rc != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "could not create the recurring run" in err[0] and kfp_api.url in err[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# run-local: the real pipeline under KFP's local runner, real moto S3 and a real MLflow server
+# ------------------------------------------------------------------------------------------------
+
+EVAL_LIMIT = 16  # items per eval task: enough for real numbers, small enough for 2 cores
+LENIENT = "version: 1\nexpert_retention: {min_ratio: 0.001}\ngeneral: {perplexity: {max_increase: 1000}}\n"
+# a task no model reports: the gate's "every expected task is present" check must fail
+STRICT = "version: 1\ntasks: [reading_comprehension]\n"
+
+
+@pytest.fixture(scope="module")
+def tiny_zoo_info(tiny_zoo):
+    """The tiny zoo (conftest's session fixture) and its manifest."""
+    from seme.zoo import load_zoo
+
+    return tiny_zoo, load_zoo(tiny_zoo)
+
+
+def _zoo_config(zdir: Path, zoo: dict, method: str = "seme") -> dict:
+    return {
+        "merge_method": method,
+        "base_model": str(zdir / "base"),
+        "models": [{"model": str(zdir / e["path"])} for e in zoo["experts"].values()],
+        "dtype": "float32",
+    }
+
+
+def test_run_local_end_to_end_on_the_tiny_zoo(tiny_zoo_info, s3_server, mlflow_server, tmp_path):
+    import uuid
+
+    from pipelines.local import format_summary, run_local
+    from seme import registry
+    from seme.checkpoint import Checkpoint
+    from seme.storage import fetch
+
+    zdir, zoo = tiny_zoo_info
+    name = f"e2e-{uuid.uuid4().hex[:8]}"
+    common = {"suite": "tiny", "limit": EVAL_LIMIT, "registered_model_name": name, "s3_endpoint": s3_server,
+                  "mlflow_uri": mlflow_server}  # fmt: skip
+    s = run_local(_zoo_config(zdir, zoo), workdir=tmp_path / "run1", gate_policy=LENIENT, **common)
+    log = Path(s["log"]).read_text()[-3000:]
+    assert s["status"] == "SUCCEEDED", f"{s['error']}\n{log}"
+
+    # the merged model: a real checkpoint, SeMe-aligned, published to S3 and verifiable from there
+    merged = s["merged"]
+    ck = Checkpoint(merged["path"])
+    assert set(ck.names) == set(Checkpoint(zdir / "base").names)
+    manifest = json.loads((Path(merged["path"]) / "seme_manifest.json").read_text())
+    assert manifest["method"] == "seme" and merged["method"] == "seme"
+    assert merged["uri"].startswith("s3://seme-models/merged/")
+    assert (
+        fetch(merged["uri"], endpoint_url=s3_server, dest=tmp_path / "back") / "model.safetensors"
+    ).is_file()
+    assert {x["uri"].split("/inputs/")[0] for x in merged["sources"]} == {"s3://seme-models"}
+    assert len(merged["sources"]) == 1 + len(zoo["experts"])
+    assert s["alignment"]["skipped"] is False and (Path(s["alignment"]["path"]) / "alignment.json").is_file()
+
+    # metrics of the merged model and every parent, on both tasks; each expert mapped to its task
+    assert set(s["metrics"]) == {"merged", "base", *s["experts"].values()}
+    assert set(s["experts"]) == set(zoo["experts"])
+    assert s["experts"] == {task: task for task in zoo["experts"]}, (
+        "each task's expert: the source tuned on it"
+    )
+    for m in s["metrics"].values():
+        assert set(m["tasks"]) == set(zoo["experts"]) and m["limit"] == EVAL_LIMIT
+        for t in m["tasks"].values():
+            assert 0.0 <= t["value"] <= 1.0 and t["n"] == EVAL_LIMIT
+
+    # gate passed → registered with alias pilot; the exit handler recorded the final status
+    assert s["gate"]["passed"] is True
+    assert json.loads((Path(s["gate"]["result"]) / "gate_result.json").read_text())["passed"] is True
+    v1 = s["registry"]["version"]
+    assert s["registry"]["alias"] == "pilot" and s["aliases"] == {"pilot": v1}
+    c = registry.client(mlflow_server)
+    tags = c.get_model_version(name, v1).tags
+    assert tags["seme.gate"] == "passed" and tags["seme.method"] == "seme"
+    assert tags["seme.pipeline_status"] == "SUCCEEDED"
+    assert {x["uri"] for x in json.loads(tags["seme.sources"])} == {x["uri"] for x in merged["sources"]}
+    run = c.get_run(s["registry"]["run_id"])
+    assert run.data.tags["seme.pipeline_status"] == "SUCCEEDED"
+    assert (
+        run.data.metrics["merged/arithmetic/accuracy"]
+        == s["metrics"]["merged"]["tasks"]["arithmetic"]["value"]
+    )
+    text = format_summary(s)
+    assert f"version {v1}, alias pilot" in text and "gate: PASSED" in text and merged["path"] in text
+
+    # rerun on the same inputs and registry with a gate that fails (task arithmetic and 4 eval items
+    # keep it short): a new version, registered as failed, and no alias moves
+    cfg2 = _zoo_config(zdir, zoo, "task_arithmetic")
+    s2 = run_local(cfg2, workdir=tmp_path / "run2", gate_policy=STRICT, **{**common, "limit": 4})
+    assert s2["status"] == "SUCCEEDED", s2["error"]
+    assert s2["gate"]["passed"] is False
+    summary_md = (Path(s2["gate"]["result"]) / "gate_summary.md").read_text()
+    assert "reading_comprehension" in summary_md
+    v2 = s2["registry"]["version"]
+    assert int(v2) == int(v1) + 1 and s2["registry"]["alias"] == ""
+    assert s2["alignment"]["skipped"] is True, "only SeMe needs the alignment step"
+    assert c.get_model_version(name, v2).tags["seme.gate"] == "failed"
+    assert s2["aliases"] == {"pilot": v1}, "a failed gate moves no alias"
+    assert "alias none (gate failed)" in format_summary(s2)
+
+
+def test_run_local_fetch_failure_ends_failed_in_mlflow_with_nothing_registered(tmp_path, monkeypatch):
+    """Embedded defaults (in-process moto S3, SQLite MLflow); a source that is not in the store."""
+    from conftest import make_tiny_model
+    from mlflow import MlflowClient
+
+    from pipelines.local import run_local
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    src = make_tiny_model(tmp_path / "a")
+    cfg = {
+        "merge_method": "linear",
+        "models": [{"model": str(src)}, {"model": "s3://seme-models/no-such-model"}],
+    }
+    s = run_local(cfg, workdir=tmp_path / "w", suite="tiny", registered_model_name="never")
+    assert s["status"] == "FAILED" and "fetch-checkpoint" in s["error"] and "\x1b" not in s["error"]
+    assert s["s3_embedded"] and s["mlflow_uri"].startswith("sqlite:///")
+    assert "merged" not in s and "registry" not in s and s["aliases"] == {}
+    assert "no objects under this prefix" in Path(s["log"]).read_text(), "the step's error reached the log"
+    c = MlflowClient(tracking_uri=s["mlflow_uri"])
+    exp = c.get_experiment_by_name("seme")
+    assert exp.artifact_location.startswith((tmp_path / "w").as_uri())
+    (run,) = c.search_runs([exp.experiment_id])
+    assert run.info.status == "FAILED"
+    assert run.data.tags["seme.pipeline_status"] == "FAILED" and run.data.tags["seme.pipeline_error"]
+    assert c.search_registered_models() == []

@@ -18,14 +18,6 @@ from seme.errors import CheckpointError
 from seme.fsutil import sha256_file
 
 
-@pytest.fixture(scope="session")
-def tiny_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from seme.zoo import build_zoo
-
-    # the zoo cache ($SEME_ZOO_DIR or ~/.cache/seme/zoo): built once per machine, keyed by recipe
-    return build_zoo(tiny=True, progress=False)
-
-
 def test_tiny_zoo_manifest_and_cache_hit(tiny_zoo: Path) -> None:
     from seme.zoo import build_zoo, load_zoo
 
