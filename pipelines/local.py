@@ -374,14 +374,19 @@ def print_summary(s: dict[str, Any]) -> None:
 
 
 def run_demo(workdir: str | os.PathLike | None = None) -> int:
-    """``make demo``: the tiny zoo (or the real one when cached), a SeMe merge through the whole pipeline."""
+    """``make demo``: the tiny zoo, a SeMe merge through the whole pipeline.
+
+    ``SEME_DEMO_ZOO=real`` uses the real SmolLM2 zoo instead when it is cached (``seme zoo build``);
+    its SeMe merge and evaluations take far longer on CPU, so evals are limited to 20 items per task.
+    """
     import tempfile
 
     from seme.zoo import REAL_NAME, build_zoo, load_zoo, zoo_path
 
     real = zoo_path(REAL_NAME)
-    if (real / "zoo.json").is_file():
-        zdir, suite = real, "zoo"
+    limit = 0
+    if os.environ.get("SEME_DEMO_ZOO") == "real" and (real / "zoo.json").is_file():
+        zdir, suite, limit = real, "zoo", 20
     else:
         print("building the tiny zoo (cached after the first time) ...", file=sys.stderr)
         zdir, suite = build_zoo(tiny=True), "tiny"
@@ -396,7 +401,8 @@ def run_demo(workdir: str | os.PathLike | None = None) -> int:
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="seme-demo-"))
     print(f"running the merge pipeline locally (KFP local runner) in {work} ...", file=sys.stderr)
     summary = run_local(
-        cfg, workdir=work, suite=suite, expert_tasks=experts, registered_model_name="seme-demo"
+        cfg, workdir=work, suite=suite, expert_tasks=experts, registered_model_name="seme-demo",
+        **({"limit": limit} if limit else {}),
     )
     print_summary(summary)
     return 0 if summary["status"] == "SUCCEEDED" else 1
