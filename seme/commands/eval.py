@@ -27,6 +27,9 @@ def run(args: argparse.Namespace) -> int:
     from seme.errors import EvalError
 
     progress = not getattr(args, "quiet", False)
+    args.model_dir = _local(args.model_dir)
+    if args.sources:
+        args.sources = [_local(s) for s in args.sources]
     if args.data_free:
         if not args.sources:
             raise EvalError("--data-free needs --sources MODEL [MODEL ...]")
@@ -60,3 +63,12 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         print(f"metrics: {write_metrics(metrics, args.out)}")
     return 0
+
+
+def _local(path_or_uri: str) -> str:
+    """``s3://`` URIs are fetched (sha256-verified, cached) like everywhere a model path is accepted."""
+    if str(path_or_uri).startswith("s3://"):
+        from seme.storage import resolve_model_path
+
+        return str(resolve_model_path(path_or_uri))
+    return path_or_uri
