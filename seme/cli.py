@@ -27,6 +27,19 @@ COMMAND_MODULES = (
 )
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at emit time (not the stream of the first call), so
+    in-process callers that swap stderr (tests, notebooks) never hit a closed stream."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="seme",
@@ -54,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
+        handlers=[_StderrHandler()],
     )
     if not getattr(args, "func", None):
         parser.print_help()
