@@ -71,12 +71,18 @@ def test_merge_align_inspect_eval_take_s3_uris(published, tmp_path, capsys):
     assert out.strip()
 
 
-def test_missing_s3_model_is_one_clear_error(published, tmp_path, capsys):
+def test_missing_s3_model_is_one_clear_error(published, tmp_path):
+    # A real `seme` process (as a user runs it): exactly one error line on stderr, nothing written.
+    import subprocess
+    import sys
+
     uris, _ = published
     missing = uris["ft"] + "-nope"
     p = tmp_path / "bad.yaml"
     p.write_text(yaml.safe_dump({"merge_method": "linear", "models": [{"model": uris["ft"]}, {"model": missing}]}))
-    rc, _, err = _run(capsys, "merge", p, tmp_path / "out")
-    lines = err.strip().splitlines()
-    assert rc != 0 and len(lines) == 1 and lines[0].startswith("seme: error: ") and "nope" in lines[0]
+    r = subprocess.run([sys.executable, "-m", "seme", "-q", "merge", str(p), str(tmp_path / "out")],
+                       capture_output=True, text=True, check=False, timeout=300)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(lines) == 1, r.stderr
+    assert lines[0].startswith("seme: error: ") and "nope" in lines[0]
     assert not (tmp_path / "out").exists()
