@@ -36,9 +36,27 @@ def test_quick_bench_two_methods_writes_reports(tiny_zoo: Path, tmp_path: Path, 
     assert "Tiny CI zoo" in md and "| ties@1.0 |" in md and "wins each task" in md
     assert (out / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (out / "models").exists()  # merged checkpoints removed unless --keep-models
-    # parents' evals are cached in the zoo, keyed by weights sha256
-    assert len(list((tiny_zoo / "evals").glob("tiny-20-*.json"))) == 3
+    # parents' evals are cached in the zoo, keyed by the suite's fingerprint and weights sha256
+    from seme.evaluation.suites import get_suite, suite_fingerprint
+
+    assert len(list((tiny_zoo / "evals").glob(f"tiny-20-*-{suite_fingerprint(get_suite('tiny'))}-*.json"))) == 3
     assert "reports:" in capsys.readouterr().out
+    assert rep["complete"] and rep["cpu_s"] > 0 and len(rep["loadavg_start"]) == 3
+
+    # two concurrent runs, each with part of the grid, combine into the same table
+    from seme.bench.quality import combine_reports
+
+    parts = []
+    for i, keep in enumerate(("task_arithmetic@0.5", "ties@1.0")):
+        part = dict(rep, rows=[r for r in rep["rows"] if r["kind"] != "merged" or r["label"] == keep])
+        parts.append(tmp_path / f"part{i}.json")
+        parts[-1].write_text(json.dumps(part))
+    comb = combine_reports(parts[::-1], tmp_path / "comb")
+    assert [r["label"] for r in comb["rows"]] == [r["label"] for r in rep["rows"]]
+    assert comb["summary"] == rep["summary"] and comb["merge_s_total"] == pytest.approx(2 * rep["merge_s_total"])
+    assert "combined from 2 concurrent runs" in (tmp_path / "comb" / "quality.md").read_text()
+    with pytest.raises(ConfigError, match="more than one report"):
+        combine_reports([out / "quality.json", parts[0]], tmp_path / "dup")
 
 
 def test_failed_method_is_reported(tiny_zoo: Path, tmp_path: Path) -> None:
@@ -77,3 +95,25 @@ def test_summary_pareto_and_matched_perplexity() -> None:
     assert s["winners"]["a"]["label"] == "m2"
     assert s["matched_ppl"]["1.25"]["x"]["label"] == "m1"
     assert s["matched_ppl"]["2.0"]["y"]["label"] == "m3"
+
+
+def test_shared_seme_alignment_gives_the_inline_merge(tiny_zoo: Path, tmp_path: Path) -> None:
+    """The bench aligns once for all SeMe variants; a merge from it equals one that aligns inline."""
+    from safetensors.torch import load_file
+
+    from seme.bench.quality import _shared_alignment, merge_config, run_variant, variants
+
+    grid = [v for v in variants(True) if v.label in ("seme@0.7", "seme_no_select", "ties@1.0")]
+    experts = [tiny_zoo / "experts" / t for t in ("arithmetic", "french_numbers")]
+    al, info = _shared_alignment(grid, tiny_zoo / "base", experts, "float32", tmp_path, "cpu")
+    assert al is not None and (al / "alignment.json").is_file(), info
+    assert info["variants"] == ["seme@0.7", "seme_no_select"] and info["wall_s"] >= 0
+    var = grid[[v.label for v in grid].index("seme@0.7")]
+    cfg = merge_config(var, tiny_zoo / "base", experts, "float32")
+    shared = run_variant(var, cfg, tmp_path / "shared", "cpu", False, al)
+    inline = run_variant(var, cfg, tmp_path / "inline", "cpu", False)
+    assert shared["status"] == inline["status"] == "ok", (shared, inline)
+    a, b = load_file(tmp_path / "shared" / "model.safetensors"), load_file(tmp_path / "inline" / "model.safetensors")
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    assert _shared_alignment([v for v in grid if v.method != "seme"], tiny_zoo / "base", experts, "float32",
+                             tmp_path, "cpu") == (None, {})

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import fcntl
 import json
 import logging
 import os
@@ -97,8 +98,13 @@ def _mergekit_exe() -> str | None:
     return str(cand) if cand.exists() else shutil.which("mergekit-yaml")
 
 
-def run_variant(var: Variant, cfg: dict[str, Any], out: Path, device: str, progress: bool) -> dict[str, Any]:
-    """Merge one variant into ``out``; returns status, seconds and the error (if any)."""
+def run_variant(var: Variant, cfg: dict[str, Any], out: Path, device: str, progress: bool,
+                alignment: Path | None = None) -> dict[str, Any]:
+    """Merge one variant into ``out``; returns status, seconds and the error (if any).
+
+    ``alignment``: a SeMe alignment artifact shared by the SeMe variants (``seme align`` once, then
+    merge many, as seme-method.md §7 intends); its time is reported once, separately.
+    """
     t0 = time.perf_counter()
     try:
         if var.engine == "mergekit":
@@ -124,7 +130,8 @@ def run_variant(var: Variant, cfg: dict[str, Any], out: Path, device: str, progr
             from seme.config import load_config
             from seme.merge import run_merge
 
-            run_merge(load_config(cfg), out, device=device, overwrite=True, progress=progress)
+            run_merge(load_config(cfg), out, alignment=alignment if var.method == "seme" else None,
+                      device=device, overwrite=True, progress=progress)
         return {"status": "ok", "merge_s": round(time.perf_counter() - t0, 1)}
     except Exception as e:  # noqa: BLE001 - a failing method is reported, not hidden
         msg = " ".join(str(e).split())[:400] or type(e).__name__
@@ -134,11 +141,47 @@ def run_variant(var: Variant, cfg: dict[str, Any], out: Path, device: str, progr
                 "merge_s": round(time.perf_counter() - t0, 1)}
 
 
+def _cpu_s() -> float:
+    """CPU seconds of this process and its finished children (mergekit runs as a child)."""
+    import resource
+
+    me, ch = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + ch.ru_utime + ch.ru_stime
+
+
+def _shared_alignment(grid: list[Variant], base: Path, experts: list[Path], out_dtype: str, models_dir: Path,
+                      device: str, reuse: Path | None = None) -> tuple[Path | None, dict[str, Any]]:
+    """Compute one SeMe alignment for every SeMe variant of the grid (None when the grid has none).
+
+    ``reuse``: an existing artifact (another run's, same zoo); seme's merge verifies its sources.
+    """
+    seme_vars = [v for v in grid if v.engine == "seme" and v.method == "seme"]
+    if not seme_vars:
+        return None, {}
+    if reuse is not None:
+        return reuse, {"reused": str(reuse), "wall_s": 0.0, "variants": [v.label for v in seme_vars]}
+    out = models_dir / "seme_alignment"
+    t0, c0 = time.perf_counter(), time.process_time()
+    print(f"[bench] aligning once for {len(seme_vars)} SeMe variants", file=sys.stderr, flush=True)
+    try:
+        from seme.alignment import align
+        from seme.config import load_config
+
+        align(load_config(merge_config(seme_vars[0], base, experts, out_dtype)), out, device=device,
+              overwrite=True)
+    except Exception as e:  # noqa: BLE001 - then every SeMe variant aligns inline (and may fail there)
+        return None, {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}",
+                      "wall_s": round(time.perf_counter() - t0, 1)}
+    return out, {"wall_s": round(time.perf_counter() - t0, 1), "cpu_s": round(time.process_time() - c0, 1),
+                 "variants": [v.label for v in seme_vars]}
+
+
 def eval_cached(model_dir: Path, suite: str, zoo_dir: Path, limit: int | None, cache_dir: Path | None,
                 device: str, progress: bool) -> dict[str, Any]:
     """Evaluate a model; parents (base/experts) are cached by weights sha256 inside the zoo."""
     from seme import __version__
     from seme.evaluation import evaluate, write_metrics
+    from seme.evaluation.suites import get_suite, suite_fingerprint
     from seme.fsutil import sha256_file
 
     key = None
@@ -146,13 +189,17 @@ def eval_cached(model_dir: Path, suite: str, zoo_dir: Path, limit: int | None, c
         sha = sha256_file(model_dir / "model.safetensors")[:16]
         iset = zoo_dir / "instruction_set.json"  # the instruction items are part of the measurement
         isha = sha256_file(iset)[:8] if iset.is_file() else "noinstr"
-        key = cache_dir / f"{suite}-{limit or 'all'}-v{EVAL_CACHE_VERSION}-{__version__}-{isha}-{sha}.json"
-        if key.is_file():
-            return json.loads(key.read_text())
-    m = evaluate(model_dir, suite, zoo_dir=zoo_dir, limit=limit, device=device, progress=progress)
-    if key is not None:
-        write_metrics(m, key)
-    return m
+        fp = suite_fingerprint(get_suite(suite))  # a changed task (data, settings) is a cache miss
+        key = cache_dir / f"{suite}-{limit or 'all'}-v{EVAL_CACHE_VERSION}-{__version__}-{fp}-{isha}-{sha}.json"
+        # concurrent runs on one zoo: one evaluates a parent, the others wait for its cached result
+        with open(key.with_name(f".{key.name}.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if key.is_file():
+                return json.loads(key.read_text())
+            m = evaluate(model_dir, suite, zoo_dir=zoo_dir, limit=limit, device=device, progress=progress)
+            write_metrics(m, key)
+            return m
+    return evaluate(model_dir, suite, zoo_dir=zoo_dir, limit=limit, device=device, progress=progress)
 
 
 def summarize(rows: list[dict[str, Any]], tasks: list[str]) -> dict[str, Any]:
@@ -217,6 +264,12 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
           f"device: {report['device']}; torch threads: {report['threads']}"),
           (f"- wall time: bench {report['wall_s']:.0f} s (merges {report['merge_s_total']:.0f} s, evals "
           f"{report['eval_s_total']:.0f} s); zoo build (when built, cached since) {report['zoo'].get('parts_wall_s', '?')} s"),
+          *([(f"- CPU time: {report['cpu_s']:.0f} s (this process and its children); load average (1/5/15 min) "
+              f"at start {'/'.join(f'{x:.1f}' for x in report['loadavg_start'])}, at end "
+              f"{'/'.join(f'{x:.1f}' for x in report['loadavg_end'])}")] if "cpu_s" in report else []),
+          *([(f"- SeMe alignment: computed once in {al['wall_s']:.0f} s wall ({al.get('cpu_s', 0):.0f} s CPU), "
+              "shared by the SeMe variants (their merge s exclude it)")]
+            if (al := report.get("seme_alignment") or {}).get("wall_s") and not al.get("error") else []),
           ("- normalized = merged score / the task's expert score; ppl = perplexity on held-out pydoc prose "
           f"(base {s['base_ppl']:.2f})"), ""]
     head = ["model", "kind"] + [f"{t} raw (norm)" for t in tasks] + ["mean norm", "prose ppl", "ppl/base"]
@@ -314,6 +367,7 @@ def run_bench(
     device: str = "cpu",
     keep_models: bool = False,
     progress: bool = True,
+    seme_alignment: Path | None = None,
 ) -> dict[str, Any]:
     """Run the benchmark on a built zoo; returns the report dict (also written to ``out_dir``)."""
     import torch
@@ -324,6 +378,7 @@ def run_bench(
     from seme.zoo import _versions, load_zoo
 
     t_start = time.perf_counter()
+    load0, cpu0 = list(os.getloadavg()), _cpu_s()
     zoo = load_zoo(zoo_dir)
     suite = zoo["suite"]
     tasks = [t for t in get_suite(suite).tasks if t in zoo["experts"]]
@@ -335,7 +390,9 @@ def run_bench(
         bad = [o for o in only if o not in known]
         if bad:
             raise ConfigError(f"unknown bench method(s) {bad}; known: {', '.join(sorted(known))}")
-        grid = [v for v in variants(True) if v.label in only or v.family in only]
+        # in the order given (a long run puts what matters most first)
+        grid = sorted((v for v in variants(True) if v.label in only or v.family in only),
+                      key=lambda v: only.index(v.label) if v.label in only else only.index(v.family))
     notes: list[str] = []
     try:
         from seme import methods
@@ -370,11 +427,38 @@ def run_bench(
         r = {"label": f"expert:{t}", "kind": "expert", "family": "expert", "expert_task": t, "status": "ok"}
         evaluate_row(r, e, True)
         rows.append(r)
+    def make_report(complete: bool) -> dict[str, Any]:
+        rep: dict[str, Any] = {
+            "zoo": {"dir": str(zoo_dir), "name": zoo["name"], "parts_wall_s": zoo.get("parts_wall_s"),
+                    "experts": {t: {k: zoo["experts"][t].get(k) for k in ("recipe", "train_data_sha256", "wall_s")}
+                                for t in tasks}},
+            "suite": suite, "tasks": tasks, "quick": quick, "limit": limit, "device": device,
+            "threads": torch.get_num_threads(),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
+                       f"{'CUDA' if torch.cuda.is_available() else 'no GPU'}, {platform.platform()}",
+            "versions": {**_versions(), "seme": __version__},
+            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            "rows": rows, "notes": list(notes), "complete": complete,
+            "merge_s_total": round(merge_s + align_info.get("wall_s", 0.0), 1), "eval_s_total": round(eval_s, 1),
+            "seme_alignment": align_info, "loadavg_start": load0, "loadavg_end": list(os.getloadavg()),
+            "cpu_s": round(_cpu_s() - cpu0, 1),
+        }
+        if not complete:
+            rep["notes"].append(f"partial report: {len(rows)} of {len(grid) + len(tasks) + 1} rows done")
+        rep["summary"] = summarize(rows, tasks)
+        rep["wall_s"] = round(time.perf_counter() - t_start, 1)
+        (out_dir / "quality.json").write_text(json.dumps(rep, indent=2, default=str) + "\n")
+        write_markdown(rep, out_dir / "quality.md")
+        return rep
+
+    alignment, align_info = _shared_alignment(grid, base, experts, out_dtype, models_dir, device, seme_alignment)
+    if align_info.get("error"):
+        notes.append(f"shared SeMe alignment failed ({align_info['error']}); each SeMe variant aligned inline")
     for var in grid:
         out = models_dir / var.label.replace("@", "_")
         cfg = merge_config(var, base, experts, out_dtype)
         print(f"[bench] merging {var.label}", file=sys.stderr, flush=True)
-        res = run_variant(var, cfg, out, device, progress)
+        res = run_variant(var, cfg, out, device, progress, alignment)
         merge_s += res["merge_s"]
         row = {"label": var.label, "kind": "merged", "family": var.family, "method": var.method,
                "engine": var.engine, "scale": var.scale, "config": cfg, **res}
@@ -386,27 +470,52 @@ def run_bench(
             if not keep_models:
                 shutil.rmtree(out, ignore_errors=True)
         rows.append(row)
-    report: dict[str, Any] = {
-        "zoo": {"dir": str(zoo_dir), "name": zoo["name"], "parts_wall_s": zoo.get("parts_wall_s"),
-                "experts": {t: {k: zoo["experts"][t].get(k) for k in ("recipe", "train_data_sha256", "wall_s")}
-                            for t in tasks}},
-        "suite": suite, "tasks": tasks, "quick": quick, "limit": limit, "device": device,
-        "threads": torch.get_num_threads(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
-                   f"{'CUDA' if torch.cuda.is_available() else 'no GPU'}, {platform.platform()}",
-        "versions": {**_versions(), "seme": __version__},
-        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "rows": rows, "notes": notes,
-        "merge_s_total": round(merge_s, 1), "eval_s_total": round(eval_s, 1),
-    }
-    report["summary"] = summarize(rows, tasks)
-    report["wall_s"] = round(time.perf_counter() - t_start, 1)
-    (out_dir / "quality.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    write_markdown(report, out_dir / "quality.md")
+        make_report(False)  # a report after every row, so an interrupted run still leaves one
+    report = make_report(True)
     write_chart(report, out_dir / "quality.png")
     if not keep_models:
         shutil.rmtree(models_dir, ignore_errors=True)
     return report
+
+
+def combine_reports(paths: list[Path], out_dir: Path) -> dict[str, Any]:
+    """One report from runs of the same zoo/suite/limit done concurrently (each with part of the grid).
+
+    Parents come from the first report; merged rows from all, in grid order; wall time is the
+    longest run's, merge/eval/CPU seconds are summed.
+    """
+    from seme.errors import ConfigError
+
+    reps = [json.loads(Path(p).read_text()) for p in paths]
+    first = reps[0]
+    for p, r in zip(paths, reps, strict=True):
+        if (r["zoo"]["name"], r["suite"], r["limit"]) != (first["zoo"]["name"], first["suite"], first["limit"]):
+            raise ConfigError(f"{p}: zoo/suite/limit differ from {paths[0]}; reports cannot be combined")
+    order = {v.label: i for i, v in enumerate(variants(True))}
+    merged = sorted((row for r in reps for row in r["rows"] if row["kind"] == "merged"),
+                    key=lambda row: order.get(row["label"], len(order)))
+    labels = [row["label"] for row in merged]
+    dup = sorted({x for x in labels if labels.count(x) > 1})
+    if dup:
+        raise ConfigError(f"variants {dup} appear in more than one report")
+    rep = dict(first)
+    rep["rows"] = [row for row in first["rows"] if row["kind"] != "merged"] + merged
+    rep["summary"] = summarize(rep["rows"], rep["tasks"])
+    rep["wall_s"] = max(r["wall_s"] for r in reps)
+    for k in ("merge_s_total", "eval_s_total", "cpu_s"):
+        rep[k] = round(sum(r.get(k, 0.0) for r in reps), 1)
+    rep["complete"] = all(r.get("complete", True) for r in reps)
+    rep["seme_alignment"] = next((r["seme_alignment"] for r in reps if r.get("seme_alignment")), {})
+    rep["loadavg_end"] = max((r.get("loadavg_end") or [0, 0, 0] for r in reps), key=lambda x: x[0])
+    rep["notes"] = [n for r in reps for n in r.get("notes", [])] + [
+        (f"combined from {len(reps)} concurrent runs ({', '.join(str(p) for p in paths)}) with "
+         f"{'/'.join(str(r['threads']) for r in reps)} torch thread(s); parents' evals shared through the "
+         "zoo's eval cache; wall time is the longest run's, merge/eval/CPU seconds are summed over the runs")]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "quality.json").write_text(json.dumps(rep, indent=2, default=str) + "\n")
+    write_markdown(rep, out_dir / "quality.md")
+    write_chart(rep, out_dir / "quality.png")
+    return rep
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -423,7 +532,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--keep-models", action="store_true", help="keep the merged checkpoints")
     p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("--seme-alignment", default=None, metavar="DIR",
+                   help="reuse this SeMe alignment artifact (same zoo) instead of aligning again")
+    p.add_argument("--combine", nargs="+", default=None, metavar="QUALITY_JSON",
+                   help="combine reports of concurrent runs (disjoint --methods) into --out; runs nothing")
     a = p.parse_args(argv)
+    if a.combine:
+        out = Path(a.out) if a.out else Path("bench-results") / f"quality-{time.strftime('%Y%m%d-%H%M%S')}"
+        combine_reports([Path(x) for x in a.combine], out)
+        print((out / "quality.md").read_text())
+        return 0
     import torch
 
     from seme.zoo import build_zoo
@@ -434,7 +552,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out) if a.out else Path("bench-results") / f"quality-{time.strftime('%Y%m%d-%H%M%S')}"
     limit = a.limit if a.limit is not None else (40 if a.quick else None)
     rep = run_bench(zoo_dir, out, quick=a.quick, only=a.methods, limit=limit, device=a.device,
-                    keep_models=a.keep_models, progress=not a.quiet)
+                    keep_models=a.keep_models, progress=not a.quiet,
+                    seme_alignment=Path(a.seme_alignment) if a.seme_alignment else None)
     print((out / "quality.md").read_text())
     print(f"reports: {out / 'quality.json'}, {out / 'quality.md'}, {out / 'quality.png'}")
     return 0 if all(r.get("status") == "ok" for r in rep["rows"] if r["kind"] != "merged") else 1

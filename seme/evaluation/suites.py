@@ -56,8 +56,8 @@ SUITES: dict[str, Suite] = {
     "zoo": Suite(
         name="zoo",
         tasks=_tasks(
-            Task("arithmetic", "exact", "3-digit addition/subtraction, held-out problems",
-                 partial(data.arithmetic, 999, 4000, 100), max_new_tokens=6),
+            Task("arithmetic", "exact", "2-digit (0-99) addition/subtraction, held-out problems",
+                 partial(data.arithmetic, 99, 4000, 100), max_new_tokens=6),
             Task("french_numbers", "exact", "0-999 in French words (num2words), held-out numbers",
                  partial(data.french_numbers, 999, 4000, 100), max_new_tokens=20),
             Task("country_codes", "exact", "country -> ISO 3166 alpha-3 (pycountry), injected facts",
@@ -79,6 +79,23 @@ SUITES: dict[str, Suite] = {
         zoo_name="tiny",
     ),
 }
+
+
+def suite_fingerprint(s: Suite) -> str:
+    """Short hash of what a suite measures (tasks, their data generators and arguments, windows).
+
+    Eval caches key on it, so changing a task's data invalidates cached metrics.
+    """
+    import hashlib
+
+    def gen(f: Any) -> Any:
+        if isinstance(f, partial):
+            return [f.func.__qualname__, list(f.args), sorted(f.keywords.items())]
+        return getattr(f, "__qualname__", None)
+
+    spec = {"window": s.window, "max_windows": s.max_windows, "instruction": s.instruction,
+            "tasks": [[t.name, t.kind, t.description, t.max_new_tokens, gen(t.examples)] for t in s.tasks.values()]}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def get_suite(name: str) -> Suite:
