@@ -37,6 +37,7 @@ from seme.semantics import (
     SemanticBasis,
     compute_basis,
     effective_readout,
+    lapack_one_thread,
     resolve_device,
     spectrum_summary,
     token_subset,
@@ -197,6 +198,15 @@ class ModelAlignment:
     vocab_map: torch.Tensor | None = None  # anchor id -> model id, -1 when absent
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN/Inf in ``t`` (float32). One reduction instead of an n-byte mask: any NaN or Inf makes
+    the sum non-finite, so a finite sum proves the tensor finite; a non-finite sum (possibly overflow
+    of huge finite values) falls back to the exact elementwise test."""
+    if t.numel() == 0 or bool(torch.isfinite(t.sum())):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
 class ModelView:
     """A checkpoint seen in the anchor's coordinates, one tensor at a time.
 
@@ -218,10 +228,10 @@ class ModelView:
         self._rot32 = al.rotation.to(device=device, dtype=torch.float32) if al.rotation is not None else None
 
     def _raw(self, name: str) -> torch.Tensor:
-        t = self.ckpt.get(name)
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        t = self.ckpt.get(name).to(device=self.device, dtype=torch.float32)
+        if not _all_finite(t):
             raise AlignmentError(f"{self.ckpt.file_of(name)}: tensor {name} contains NaN or Inf values")
-        return t.to(device=self.device, dtype=torch.float32)
+        return t
 
     def gain(self, norm_name: str) -> torch.Tensor:
         """Effective gain (stored + norm offset) of a norm tensor, cached (tiny)."""
@@ -278,25 +288,28 @@ class ModelView:
             ok = vm >= 0
             out[ok] = t[vm[ok]]
             t = out
-        # 2. norm folding
+        # 2. norm folding: a read matrix's columns scale by the gain of the norm feeding it
+        gain = None
         if al.fold:
             if kind == "read" and unit in lay.feeder:
                 norm_name = lay.by_unit.get((layer, lay.feeder[unit]))
                 if norm_name is not None:
-                    t = t * self.gain(norm_name)[None, :]
+                    gain = self.gain(norm_name)
             elif kind == "lm_head" and al.fold_final and lay.final_norm:
-                t = t * self.gain(lay.final_norm)[None, :]
+                gain = self.gain(lay.final_norm)
             elif (kind == "norm" and unit in self.arch.norm_feeds) or (kind == "final_norm" and al.fold_final):
                 t = torch.full_like(t, 1.0 - self.arch.norm_offset)
-        # 3. residual rotation (x_anchor = R x_model)
+        # 3. residual rotation (x_anchor = R x_model); with folding, (A·diag(g))Rᵀ = A·(diag(g)Rᵀ):
+        # the gain goes into the d×d factor, one pass over A
         R = self._rot32
-        if R is not None:
-            if kind in ("read", "embed", "lm_head", "pos_embed") and t.dim() == 2:
-                t = t @ R.T
-            elif kind == "write" or (
-                kind == "bias" and lay.kind_of_unit.get((layer, unit.removesuffix("_bias"))) == "write"
-            ):
-                t = R @ t
+        if R is not None and kind in ("read", "embed", "lm_head", "pos_embed") and t.dim() == 2:
+            t = t @ (R.T if gain is None else gain[:, None] * R.T)
+        elif gain is not None:
+            t = t * gain[None, :]
+        elif R is not None and (kind == "write" or (
+            kind == "bias" and lay.kind_of_unit.get((layer, unit.removesuffix("_bias"))) == "write"
+        )):
+            t = R @ t
         return t
 
     def _permute_mlp(self, t: torch.Tensor, kind: str, unit: str, perm: torch.Tensor) -> torch.Tensor:
@@ -503,7 +516,8 @@ def procrustes(models: dict[str, SemanticBasis], ba: SemanticBasis, shared: dict
         C[k] = bm.minv @ mid @ ba.minv
     out = {}
     for k, Ck in C.items():
-        U, S, Vh = torch.linalg.svd(Ck)
+        with lapack_one_thread():
+            U, S, Vh = torch.linalg.svd(Ck)
         Q = U @ Vh  # minimises ‖Ŝ_m Q − Ŝ_a‖; R = Qᵀ
         resid_sq = max(0.0, 2 * n[k] - 2 * float(S.sum()))  # ‖Ŝ_m Q‖² = ‖Ŝ_a‖² = n (unit rows)
         ident_sq = max(0.0, 2 * n[k] - 2 * float(torch.trace(Ck)))
@@ -535,28 +549,24 @@ def _hungarian(cost: torch.Tensor, identity_frac: float) -> tuple[torch.Tensor |
     return (None if frac >= identity_frac else perm), frac
 
 
-def _cos_rows(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    A = A / A.norm(dim=1, keepdim=True).clamp_min(1e-30)
-    B = B / B.norm(dim=1, keepdim=True).clamp_min(1e-30)
-    return A @ B.T
+def _unit_features(reads: torch.Tensor, W: torch.Tensor, F: torch.Tensor, weighted: bool) -> torch.Tensor:
+    """Per unit (rows): [write block, unit F-norm | read vector, unit norm], so that one GEMM of two
+    feature matrices gives cos_F(writes) + cos(reads) for all unit pairs.
 
-
-def _cos_F_cols(A: torch.Tensor, B: torch.Tensor, F: torch.Tensor) -> torch.Tensor:
-    """cos_F between column blocks: A, B (groups, d, m) -> (groups, groups), as plain matmuls."""
-    g, d, m = A.shape
-    A2 = A.permute(1, 0, 2).reshape(d, g * m)
-    B2 = B.permute(1, 0, 2).reshape(d, -1)
-    FA = (F @ A2).reshape(d, g, m).permute(1, 0, 2).reshape(g, d * m)
-    FB = (F @ B2).reshape(d, -1, m).permute(1, 0, 2).reshape(B.shape[0], d * m)
-    Af, Bf = A.reshape(g, d * m), B.reshape(B.shape[0], d * m)
-    num = Af @ FB.T
-    na = (Af * FA).sum(1).clamp_min(1e-30).sqrt()
-    nb = (Bf * FB).sum(1).clamp_min(1e-30).sqrt()
-    return num / (na[:, None] * nb[None, :])
+    reads: (G, r); W: (d, G, m) write columns per unit (a view of the d × G·m write matrix).
+    ``weighted`` multiplies the write part by F (one side of ⟨a, F b⟩; F is symmetric).
+    """
+    d, G, m = W.shape
+    W2 = W.reshape(d, G * m)
+    FW = F @ W2
+    nw = (W2 * FW).reshape(d, G, m).sum(dim=(0, 2)).clamp_min(1e-30).sqrt()
+    wf = (FW if weighted else W2).reshape(d, G, m).permute(1, 0, 2).reshape(G, d * m)
+    rf = reads / reads.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    return torch.cat([wf / nw[:, None], rf], dim=1)
 
 
 def _mlp_vectors(view: ModelView, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(read rows per neuron (I × k·d), write columns as (I, d, 1)) for one layer's MLP."""
+    """(read rows per neuron (I × k·d), write columns as (d, I, 1)) for one layer's MLP."""
     lay = view.layout
     reads = []
     for unit, parts in _MLP_READ.items():
@@ -570,11 +580,11 @@ def _mlp_vectors(view: ModelView, layer: int) -> tuple[torch.Tensor, torch.Tenso
     if not reads or down is None:
         return None
     U = view.get(down)  # d × I
-    return torch.cat(reads, dim=1), U.T.unsqueeze(2)
+    return torch.cat(reads, dim=1), U.unsqueeze(2)
 
 
 def _attn_vectors(view: ModelView, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(read rows per KV group flattened (G × ·), write blocks (G, d, r·hd)) for one layer's attention."""
+    """(read rows per KV group flattened (G × ·), write blocks (d, G, r·hd)) for one layer's attention."""
     lay, arch = view.layout, view.arch
     G = arch.num_kv_heads
     reads = []
@@ -593,16 +603,16 @@ def _attn_vectors(view: ModelView, layer: int) -> tuple[torch.Tensor, torch.Tens
     o = lay.by_unit.get((layer, "o"))
     if not reads or o is None:
         return None
-    O = view.get(o)  # d × (nh·hd)
-    d = O.shape[0]
-    return torch.cat(reads, dim=1), O.reshape(d, G, -1).permute(1, 0, 2)
+    O = view.get(o)  # d × (nh·hd): KV group g owns columns [g·r·hd, (g+1)·r·hd)
+    return torch.cat(reads, dim=1), O.reshape(O.shape[0], G, -1)
 
 
 def match_layer(anchor: ModelView, model: ModelView, layer: int, F: torch.Tensor,
                 identity_frac: float, cache: dict[Any, Any] | None = None) -> dict[str, Any]:
     """Hungarian matching of MLP neurons and KV groups of ``layer``; sets model.al perms in place.
 
-    ``cache`` keeps the anchor's vectors between calls for several models.
+    Cost −cos_F(write vectors) − cos(read vectors), as one GEMM of unit features (F applied on the
+    anchor's side). ``cache`` keeps the anchor's features between calls for several models.
     """
     out: dict[str, Any] = {}
     cache = {} if cache is None else cache
@@ -610,14 +620,14 @@ def match_layer(anchor: ModelView, model: ModelView, layer: int, F: torch.Tensor
     for kind, fn, store in (("mlp", _mlp_vectors, model.al.mlp_perm), ("attn", _attn_vectors, model.al.attn_perm)):
         store.pop(layer, None)
         if (kind, layer) not in cache:
-            cache[(kind, layer)] = fn(anchor, layer)
-        va, vm = cache[(kind, layer)], fn(model, layer)
-        if va is None or vm is None:
+            va = fn(anchor, layer)
+            cache[(kind, layer)] = None if va is None else _unit_features(*va, F32, weighted=True)
+        fa = cache[(kind, layer)]
+        vm = fn(model, layer) if fa is not None else None
+        if fa is None or vm is None:
             continue
-        ra, wa = va
-        rm, wm = vm
-        cost = -_cos_F_cols(wa, wm, F32) - _cos_rows(ra, rm)
-        perm, frac = _hungarian(cost, identity_frac)
+        cost = fa @ _unit_features(*vm, F32, weighted=False).T
+        perm, frac = _hungarian(cost.neg_(), identity_frac)
         if perm is not None:
             store[layer] = perm
         out[kind] = {"identity": perm is None, "identity_fraction": frac}
@@ -641,8 +651,13 @@ def task_vectors(views: list[ModelView], base_view: ModelView | None, name: str
         w = torch.stack([m.float() if m is not None else torch.ones(ts[0].shape[0], device=ts[0].device)
                          for m in masks])
         t0 = sum(wk[:, None] * tk for wk, tk in zip(w, ts)) / w.sum(0).clamp_min(1)[:, None]
+    elif len(ts) > 1:
+        t0 = ts[0] + ts[1]  # the mean, summed in place (no stacked copy)
+        for t in ts[2:]:
+            t0.add_(t)
+        t0.div_(len(ts))
     else:
-        t0 = torch.stack(ts).mean(0) if len(ts) > 1 else ts[0].clone()
+        t0 = ts[0].clone()
     deltas = []
     for t, m in zip(ts, masks):
         dlt = t - t0
@@ -677,23 +692,34 @@ def _task_stats(views: list[ModelView], base_view: ModelView | None, names: list
         else:
             metric = "plain"
 
-        # One matmul per block of vectors: the K task vectors and θ_0 as row stacks (write matrices
-        # transposed, tr(XᵀFY) = ⟨Xᵀ, YᵀF⟩), all times F at once; the Gram matrix is one small GEMM.
+        # Per block of vectors: each task vector and θ_0 times F (write matrices as F·X: tr(XᵀFY) needs
+        # no transpose), then the Gram entries as dot products (no stacked copies).
         key = module_key(role)
         st = stats.setdefault(key, {"gram": torch.zeros(K, K, dtype=torch.float64), "base_sq": 0.0,
                                     "first": name, "tensors": 0})
-        rows = [x.T for x in (*deltas, t0)] if metric == "write" else [*deltas, t0]
+        xs = [*deltas, t0]
         if metric == "plain":
-            rows = [x.reshape(1, -1) for x in rows]
-        g = torch.zeros(K, K, dtype=torch.float64, device=t0.device)
+            xs = [x.reshape(1, -1) for x in xs]
+        g = torch.zeros(K, K, dtype=torch.float64)
         base_sq = 0.0
-        for lo in range(0, rows[0].shape[0], _STATS_ROWS):
-            Z = torch.stack([x[lo : lo + _STATS_ROWS] for x in rows])
-            Zf = Z.reshape(K + 1, -1)
-            FZf = Zf if metric == "plain" else (Z.reshape(-1, Z.shape[-1]) @ F32).reshape(K + 1, -1)
-            g += (Zf[:K] @ FZf[:K].T).double()
-            base_sq += float(torch.dot(Zf[K], FZf[K]))
-        st["gram"] += (0.5 * (g + g.T)).cpu()
+        n = xs[0].shape[1] if metric == "write" else xs[0].shape[0]
+        for lo in range(0, n, _STATS_ROWS):
+            if metric == "write":
+                blk = [x[:, lo : lo + _STATS_ROWS] for x in xs]
+                fblk = [F32 @ x for x in blk]
+            else:
+                blk = [x[lo : lo + _STATS_ROWS] for x in xs]
+                fblk = blk if metric == "plain" else [x @ F32 for x in blk]
+            flat = [x.reshape(-1) for x in blk]
+            fflat = [x.reshape(-1) for x in fblk]
+            for j in range(K):
+                for k in range(j, K):
+                    v = float(torch.dot(flat[j], fflat[k]))
+                    g[j, k] += v
+                    if k != j:
+                        g[k, j] += v
+            base_sq += float(torch.dot(flat[K], fflat[K]))
+        st["gram"] += g
         st["base_sq"] += base_sq
         st["tensors"] += 1
     return stats

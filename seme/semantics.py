@@ -12,6 +12,8 @@ Everything here reads weights only: no tokenizer, no text.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +22,24 @@ import torch
 from seme.errors import AlignmentError
 
 CHUNK = 8192  # rows of W processed at once (keeps the V×d float64 intermediates bounded)
+
+
+@contextmanager
+def lapack_one_thread() -> Iterator[None]:
+    """Run small d×d factorizations (eigvalsh, svd, cholesky) on one CPU thread.
+
+    For d in the hundreds they take ~0.1 s on one thread; with two threads on a loaded machine the
+    LAPACK threads wait on each other (measured: svd of 576×576 float64, 0.19 s on one thread vs
+    1.5-4.5 s on two under load 8). Same results up to rounding.
+    """
+    n = torch.get_num_threads()
+    if n > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if n > 1:
+            torch.set_num_threads(n)
 
 
 @dataclass
@@ -92,7 +112,8 @@ def compute_basis(W: torch.Tensor, where: str, ridge: float = 1e-6, device: str 
     for lo in range(0, V, CHUNK):
         c = W[lo : lo + CHUNK]
         G.addmm_(c.T, c)
-    evals = torch.linalg.eigvalsh(G)
+    with lapack_one_thread():
+        evals = torch.linalg.eigvalsh(G)
     top = float(evals[-1])
     if not math.isfinite(top) or top <= 0:
         raise AlignmentError(f"{where}: LM head is zero or not finite; semantic bases undefined")
@@ -103,8 +124,8 @@ def compute_basis(W: torch.Tensor, where: str, ridge: float = 1e-6, device: str 
         )
     eps = ridge * float(torch.trace(G)) / d
     M = G + eps * torch.eye(d, dtype=torch.float64, device=W.device)
-    L = torch.linalg.cholesky(M)
-    minv = torch.cholesky_inverse(L)
+    with lapack_one_thread():
+        minv = torch.cholesky_inverse(torch.linalg.cholesky(M))
     minv = 0.5 * (minv + minv.T)
     inv_norm = torch.empty(V, dtype=torch.float64, device=W.device)
     F = torch.zeros(d, d, dtype=torch.float64, device=W.device)
@@ -180,7 +201,8 @@ def row_sem_sq(X: torch.Tensor, F: torch.Tensor) -> torch.Tensor:
 
 def spectrum_summary(F: torch.Tensor) -> dict[str, float]:
     """Eigenvalue summary of the semantic metric (it is anisotropic; diagnostics report it)."""
-    ev = torch.linalg.eigvalsh(F.double().cpu())
+    with lapack_one_thread():
+        ev = torch.linalg.eigvalsh(F.double().cpu())
     return {
         "min": float(ev[0]),
         "max": float(ev[-1]),
@@ -194,12 +216,13 @@ def pseudo_inverse_rows(S_T: torch.Tensor) -> torch.Tensor:
     """Ŝ_T⁺ = (Ŝ_TᵀŜ_T)⁻¹Ŝ_Tᵀ (d×|T|), float64; raises when T does not span the residual space."""
     G = S_T.T @ S_T
     d = G.shape[0]
-    evals = torch.linalg.eigvalsh(G)
-    if float(evals[0]) <= float(evals[-1]) * 1e-12:
-        raise AlignmentError(
-            f"token subset of {S_T.shape[0]} tokens does not span the {d}-dim residual space; raise `tokens`"
-        )
-    return torch.linalg.solve(G, S_T.T)
+    with lapack_one_thread():
+        evals = torch.linalg.eigvalsh(G)
+        if float(evals[0]) <= float(evals[-1]) * 1e-12:
+            raise AlignmentError(
+                f"token subset of {S_T.shape[0]} tokens does not span the {d}-dim residual space; raise `tokens`"
+            )
+        return torch.linalg.solve(G, S_T.T)
 
 
 def resolve_device(device: str) -> str:

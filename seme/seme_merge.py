@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -68,19 +71,49 @@ SPEC = methods.register(
 )
 
 
-def _row_thresholds(a: torch.Tensor, keep: int) -> torch.Tensor:
+_SELECT_POOL: ThreadPoolExecutor | None = None
+_SELECT_MIN_ROWS = 64  # rows per selection thread below which threading does not pay
+
+
+def _select_pool() -> ThreadPoolExecutor:
+    global _SELECT_POOL
+    if _SELECT_POOL is None:
+        _SELECT_POOL = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="seme-select")
+    return _SELECT_POOL
+
+
+def _row_thresholds(a: torch.Tensor, keep: int, scratch: torch.Tensor | None = None) -> torch.Tensor:
     """Per row of ``a`` (m×|T|, non-negative): the ``keep``-th largest entry, as an (m, 1) column.
 
     On the CPU numpy's introselect (``np.partition``) is several times faster than torch.kthvalue and
-    returns the same element; elsewhere kthvalue along the contiguous last dim.
+    returns the same element; it releases the GIL, so row chunks run on ``torch.get_num_threads()``
+    threads. ``scratch`` (a float32 CPU tensor with at least m·|T| elements) is the buffer each chunk
+    is copied into and partitioned in place (else a fresh copy); ``a`` itself is left unchanged.
+    Elsewhere kthvalue along the contiguous last dim.
     """
-    T = a.shape[1]
-    if a.device.type == "cpu":
-        import numpy as np
+    m, T = a.shape
+    kth = T - keep
+    if a.device.type != "cpu":
+        return a.kthvalue(kth + 1, dim=1, keepdim=True).values
+    import numpy as np
 
-        part = np.partition(a.numpy(), T - keep, axis=1)
-        return torch.from_numpy(part[:, T - keep : T - keep + 1].copy())
-    return a.kthvalue(T - keep + 1, dim=1, keepdim=True).values
+    an = a.numpy()
+    buf = scratch.reshape(-1)[: m * T].view(m, T).numpy() if scratch is not None else np.empty_like(an)
+    out = np.empty((m, 1), dtype=an.dtype)
+
+    def part(lo: int, hi: int) -> None:
+        np.copyto(buf[lo:hi], an[lo:hi])
+        buf[lo:hi].partition(kth, axis=1)
+        out[lo:hi] = buf[lo:hi, kth : kth + 1]
+
+    nt = max(1, min(torch.get_num_threads(), m // _SELECT_MIN_ROWS))
+    if nt == 1:
+        part(0, m)
+    else:
+        bounds = [m * i // nt for i in range(nt + 1)]
+        for f in [_select_pool().submit(part, lo, hi) for lo, hi in pairwise(bounds)]:
+            f.result()
+    return torch.from_numpy(out)
 
 
 def erase_ties_rows(X: torch.Tensor, S_T: torch.Tensor, P: torch.Tensor, density: float,
@@ -91,30 +124,42 @@ def erase_ties_rows(X: torch.Tensor, S_T: torch.Tensor, P: torch.Tensor, density
     contiguous, so the per-vector selection runs along memory). Trim zeroes entries below each
     vector's top-``density`` threshold; with s the elected sign (sign of the trimmed sum), c·s > 0
     marks the agreeing entries and Σ max(c·s, 0)·s is their sum (sign flips are exact, so this equals
-    the plain masked sum); the disjoint mean is mapped back with P = Ŝ_T⁺.
+    the plain masked sum); the disjoint mean is mapped back with P = Ŝ_T⁺. Every intermediate lives in
+    buffers allocated once per call (fresh multi-MB allocations cost page faults on every block).
     """
     K, n, d = X.shape
     T = S_T.shape[0]
     keep = max(1, math.ceil(density * T))
+    trim = keep < T
     out = torch.empty(n, d, dtype=X.dtype, device=X.device)
     St = S_T.T  # (d, |T|) view: mm reads it transposed, no copy
     Pt = P.T  # (|T|, d)
     count_dtype = torch.uint8 if K < 256 else torch.int32
-    buf = torch.empty(K * min(block, max(n, 1)) * T, dtype=X.dtype, device=X.device)
+    bmax = min(block, max(n, 1))
+    opts = {"dtype": X.dtype, "device": X.device}
+    buf = torch.empty(K * bmax * T, **opts)
+    mbuf = torch.empty(K * bmax * T, dtype=torch.bool, device=X.device)
+    sbuf, kbuf = torch.empty(bmax * T, **opts), torch.empty(bmax * T, **opts)
+    cbuf = torch.empty(bmax * T, dtype=count_dtype, device=X.device)
+    if trim:
+        abuf = torch.empty(K * bmax * T, **opts)
+        pbuf = torch.empty(K * bmax * T, dtype=X.dtype) if X.device.type == "cpu" else None
     for lo in range(0, n, block):
         hi = min(lo + block, n)
         b = hi - lo
-        c = torch.mm(X[:, lo:hi].reshape(K * b, d), St, out=buf[: K * b * T].view(K * b, T))
-        if keep < T:
-            a = c.abs()
-            thr = _row_thresholds(a, keep).to(a.device)
-            c.masked_fill_(a < thr, 0)
+        kb = K * b * T
+        c = torch.mm(X[:, lo:hi].reshape(K * b, d), St, out=buf[:kb].view(K * b, T))
+        if trim:
+            a = torch.abs(c, out=abuf[:kb].view(K * b, T))
+            thr = _row_thresholds(a, keep, pbuf).to(a.device)
+            c.masked_fill_(torch.lt(a, thr, out=mbuf[:kb].view(K * b, T)), 0)
             del a
         c3 = c.view(K, b, T)
-        s = c3.sum(dim=0).sign_()  # elected sign per token
+        s = torch.sum(c3, dim=0, out=sbuf[: b * T].view(b, T)).sign_()  # elected sign per token
         c3.mul_(s)
-        count = (c3 > 0).sum(dim=0, dtype=count_dtype)  # uint8 sums are ~8x faster than int64
-        kept = c3.clamp_min_(0).sum(dim=0).mul_(s)
+        agree = torch.gt(c3, 0, out=mbuf[:kb].view(K, b, T))
+        count = torch.sum(agree, dim=0, dtype=count_dtype, out=cbuf[: b * T].view(b, T))  # uint8: ~8x faster
+        kept = torch.sum(c3.clamp_min_(0), dim=0, out=kbuf[: b * T].view(b, T)).mul_(s)
         torch.mm(kept.div_(count.clamp_min_(1)), Pt, out=out[lo:hi])
     return out
 

@@ -111,6 +111,28 @@ def test_erase_ties_matches_a_reference_implementation():
     assert torch.allclose(erase_ties(X[:1], S, P, density=1.0), X[0], atol=1e-10)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_row_thresholds_equal_the_exact_sort(threads):
+    """The threaded per-row selection returns the keep-th largest entry of every row, ties included."""
+    from seme.seme_merge import _row_thresholds
+
+    g = torch.Generator().manual_seed(threads)
+    a = torch.randn(301, 257, generator=g).abs()
+    a[5] = 0.25  # a constant row
+    a[7, ::3] = 1.5  # many ties at the top
+    a[9] = torch.randint(0, 4, (257,), generator=g).float()  # ties everywhere
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for keep in (1, 2, 50, 128, 129, 256, 257):
+            want = a.sort(dim=1, descending=True).values[:, keep - 1 : keep]
+            got = _row_thresholds(a, keep)
+            assert got.shape == (301, 1)
+            assert torch.equal(got, want), keep
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_saved_alignment_is_reused_and_checked(tiny_model, tmp_path):
     from seme.alignment import align
 
