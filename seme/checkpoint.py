@@ -274,6 +274,27 @@ class Checkpoint:
             begin, end = begin + rows[0] * row_bytes, begin + min(rows[1], shape[0]) * row_bytes
         mapped.release(begin, end)
 
+    def release_entries(self, name: str, lo: int, hi: int) -> None:
+        """Give back the pages of the flat entries ``[lo, hi)`` of ``name`` (see ``release``)."""
+        mapped = self._maps.get(self._where.get(name))  # type: ignore[arg-type]
+        if mapped is None or name not in mapped.ranges:
+            return
+        begin, end = mapped.ranges[name]
+        size = _ST_TO_TORCH.get(self._meta[name][0], torch.uint8).itemsize
+        mapped.release(begin + lo * size, min(end, begin + hi * size))
+
+    def prefetch(self, name: str) -> None:
+        """Ask the kernel to read ``name``'s pages ahead (asynchronous; a no-op when cached)."""
+        mapped = self._maps.get(self._where.get(name))  # type: ignore[arg-type]
+        if mapped is None or mapped.mm is None or name not in mapped.ranges:
+            return
+        begin, end = mapped.ranges[name]
+        lo = begin - begin % mmap.PAGESIZE
+        try:
+            mapped.mm.madvise(mmap.MADV_WILLNEED, lo, end - lo)
+        except (OSError, ValueError, AttributeError):  # pragma: no cover - madvise is advisory
+            pass
+
     def close(self) -> None:
         self._handles.clear()
         self._maps.clear()  # the maps close once no view refers to them

@@ -7,6 +7,7 @@ heavy imports happen inside each command's ``run``.
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import logging
 import sys
@@ -62,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Importing torch and friends allocates ~10⁶ objects; with the default thresholds the cycle
+    # collector ran hundreds of times during imports alone (~0.3 s of a 135M merge's CPU time).
+    gc.set_threshold(100_000, 50, 1000)
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -148,6 +148,7 @@ def test_row_block_merging_equals_whole_tensor_merging(tmp_path, monkeypatch, me
     real = merge_mod._merge_rows
     monkeypatch.setattr(merge_mod, "CHUNK_BYTES", 5 * 24 * 2)  # 5 rows per block: 8 blocks
     monkeypatch.setattr(merge_mod, "_merge_rows", lambda *a, **k: calls.append(a[7]) or real(*a, **k))
+    monkeypatch.setenv(merge_mod.KERNELS_ENV, "off")  # the torch path (``whole`` used the fused kernels)
     rows = merge_mod.run_merge(cfg, tmp_path / "rows", progress=False)
     assert calls == ["big"]  # only the 2-D tensor above the block size goes through row blocks
     a = load_file(str(whole.out_dir / "model.safetensors"))

@@ -53,9 +53,34 @@ def test_tie_cut_is_inside_the_tensor() -> None:
     assert 0 < st["cut"] < base.numel()
 
 
-def test_executor_streams_ties_only_with_prepare() -> None:
-    assert methods.get("ties").fn_block is not None
-    assert methods.get("dare_ties").fn_block is None  # DARE stays whole-tensor (its RNG stream)
+def test_executor_streams_the_sparsifying_methods() -> None:
+    for name in ("ties", "dare_ties", "dare_linear"):
+        assert methods.get(name).fn_block is not None, name
+    assert methods.get("task_arithmetic").fn_block is None  # element-wise: no pass 1 needed
+
+
+@pytest.mark.parametrize("name", ["dare_ties", "dare_linear"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rescale", [False, "l1", "exact"])
+def test_two_pass_dare_is_bit_identical(monkeypatch, name, dtype, rescale) -> None:
+    """DARE's masks hash (key, flat index), so row blocks reproduce the whole-tensor merge."""
+    monkeypatch.setattr(gta, "_PASS1_ELEMS", 128)
+    spec = methods.get(name)
+    base, ts = _inputs(dtype, (37, 64), seed=4)
+    mp = [{"weight": 1.0, "density": 1.0}] + [{"weight": w, "density": d} for w, d in
+                                             ((0.5, 0.4), (0.7, 0.9), (0.3, 0.2))]
+    gp = _params(spec, rescale=rescale)
+    whole = spec.fn(base, ts, mp, gp, torch.Generator().manual_seed(11))
+    state = spec.prepare(base, ts, mp, gp, torch.Generator().manual_seed(11))
+    for step in (1, 7, 37):
+        out = torch.empty_like(base)
+        for r0 in range(0, base.shape[0], step):
+            r1 = min(base.shape[0], r0 + step)
+            out[r0:r1] = spec.fn_block(state, base[r0:r1], [t[r0:r1] for t in ts], r0)
+        assert torch.equal(out.view(torch.uint8), whole.view(torch.uint8)), (name, dtype, rescale, step)
+    # and the masks really drop entries (not an identity merge)
+    assert not torch.equal(whole, spec.fn(base, ts, [{**p, "density": 1.0} for p in mp], gp,
+                                          torch.Generator().manual_seed(11)))
 
 
 def test_executor_merges_ties_in_row_blocks(tmp_path, monkeypatch) -> None:
@@ -90,6 +115,8 @@ def test_executor_merges_ties_in_row_blocks(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(merge_mod, "CHUNK_BYTES", 5 * 24 * 2)  # 5 rows per block
     monkeypatch.setattr(gta, "_PASS1_ELEMS", 64)
     monkeypatch.setattr(merge_mod, "_merge_rows", lambda *a, **k: calls.append((a[7], "block" in k)) or real(*a, **k))
+    # the torch path (``whole`` above ran on the fused CPU kernels: the engines must agree too)
+    monkeypatch.setenv(merge_mod.KERNELS_ENV, "off")
     rows = merge_mod.run_merge(cfg, tmp_path / "rows", progress=False)
     assert calls == [("big", True)]
     a, b = load_file(str(whole.out_dir / "model.safetensors")), load_file(str(rows.out_dir / "model.safetensors"))

@@ -119,22 +119,59 @@ def magnitude_(delta: torch.Tensor, dens: float, rescale: str | None) -> torch.T
     return delta
 
 
-def dare_(delta: torch.Tensor, dens: float, rescale: str | None, rng: torch.Generator) -> torch.Tensor:
-    """DARE drop, in place: keep each entry with probability ``density`` (Bernoulli from ``rng``)."""
+_M32 = 0xFFFFFFFF
+
+
+def dare_keys(rng: torch.Generator, k: int) -> list[tuple[int, int]]:
+    """Two 32-bit hash keys per task vector, drawn from the per-tensor generator."""
+    draws = torch.randint(0, 1 << 32, (2 * k,), generator=rng, dtype=torch.int64, device=rng.device).tolist()
+    return [(draws[2 * j], draws[2 * j + 1]) for j in range(k)]
+
+
+def dare_threshold(dens: float) -> int:
+    """An entry is kept when its 32-bit hash is below this: P(keep) = density (to 2⁻³²)."""
+    return min(int(dens * 2.0**32), _M32)
+
+
+def _fmix32_(x: torch.Tensor, tmp: torch.Tensor) -> None:
+    """murmur3's 32-bit finalizer, in place on int64 values < 2³² (products wrap mod 2⁶⁴)."""
+    for mult, shift in ((0x85EBCA6B, 16), (0xC2B2AE35, 13), (None, 16)):
+        torch.bitwise_right_shift(x, shift, out=tmp)
+        x.bitwise_xor_(tmp)
+        if mult is not None:
+            x.mul_(mult).bitwise_and_(_M32)
+
+
+def dare_keep(key: tuple[int, int], dens: float, lo: int, hi: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """DARE's keep mask for the flat entries [lo, hi) of one task vector.
+
+    A counter-based hash of (key, flat index), not a sequential random stream: any block can be
+    masked on its own, in any order, with the same result as the whole tensor; the CPU kernels
+    (``seme.kernels``) compute the same mask. P(keep) = density.
+    """
+    i = torch.arange(lo, hi, dtype=torch.int64, device=device)
+    tmp = torch.empty_like(i)
+    h = torch.bitwise_and(i, _M32).bitwise_xor_(key[0])
+    _fmix32_(h, tmp)
+    torch.bitwise_right_shift(i, 32, out=tmp)
+    h.bitwise_xor_(tmp).bitwise_xor_(key[1])
+    del i
+    _fmix32_(h, tmp)
+    return h < dare_threshold(dens)
+
+
+def dare_(delta: torch.Tensor, dens: float, rescale: str | None, key: tuple[int, int]) -> torch.Tensor:
+    """DARE drop, in place: keep each entry with probability ``density`` (the hash mask of ``key``)."""
     if dens >= 1.0 or delta.numel() == 0:
         return delta
-    # mergekit works in float32 for float16 on CPU (bernoulli has no CPU half kernel)
-    work = delta.float() if (delta.dtype == torch.float16 and delta.device.type == "cpu") else delta
-    mask = torch.empty_like(work).bernoulli_(dens, generator=rng)
-    before = _l1(work) if rescale == "l1" else None
-    work.mul_(mask)
-    del mask
+    before = _l1(delta) if rescale == "l1" else None
+    keep = dare_keep(key, dens, 0, delta.numel(), delta.device).view(delta.shape)
+    delta.masked_fill_(keep.logical_not_(), 0)
+    del keep
     if rescale == "l1":
-        _rescale_l1_(work, before)
+        _rescale_l1_(delta, before)
     elif rescale == "exact":
-        work.div_(dens)
-    if work is not delta:
-        delta.copy_(work)
+        delta.div_(dens)
     return delta
 
 
@@ -186,13 +223,14 @@ def gta_merge(
     if sparsify == "random" and rng is None:
         raise ValueError(f"{method}: a torch.Generator is required for DARE masks")
 
+    keys = dare_keys(rng, len(idx)) if sparsify == "random" else None
     deltas = torch.empty((len(idx), *base.shape), dtype=base.dtype, device=base.device)
     for j, i in enumerate(idx):
         d = torch.sub(tensors[i], base, out=deltas[j])
         if sparsify == "magnitude":
             magnitude_(d, dens[j], rescale)
         elif sparsify == "random":
-            dare_(d, dens[j], rescale, rng)
+            dare_(d, dens[j], rescale, keys[j])
     mixed = _combine(deltas, weights, base, normalize, consensus)
     del deltas
     return _finish(mixed, lam, base)
@@ -377,6 +415,26 @@ def _trim_stats(t: torch.Tensor, b: torch.Tensor, dens: float, rescale: str | No
     return st
 
 
+def _dare_stats(t: torch.Tensor, b: torch.Tensor, dens: float, rescale: str | None, key: tuple[int, int]) -> dict:
+    """Pass 1 for one DARE task vector: its mask key and, for ``rescale: l1``, the factor."""
+    t, b = t.reshape(-1), b.reshape(-1)
+    n = b.numel()
+    st: dict = {"thr": None, "cut": n, "factor": None, "div": dens if rescale == "exact" else None,
+                "dare": (key, dens)}
+    if rescale == "l1":
+        before = torch.zeros((), dtype=torch.float64, device=b.device)
+        after = torch.zeros((), dtype=torch.float64, device=b.device)
+        for lo in _blocks(n):
+            d = _delta_block(t, b, lo, lo + _PASS1_ELEMS)
+            before += d.abs().sum(dtype=torch.float64)
+            d.masked_fill_(dare_keep(key, dens, lo, lo + d.numel(), d.device).logical_not_(), 0)
+            after += d.abs().sum(dtype=torch.float64)
+        before, after = before.to(b.dtype), after.to(b.dtype)
+        if not (before < _EPS or after < _EPS):
+            st["factor"] = before / after
+    return st
+
+
 def ties_prepare(
     base: torch.Tensor | None,
     tensors: list[torch.Tensor],
@@ -385,16 +443,27 @@ def ties_prepare(
     rng: torch.Generator | None,
     *,
     method: str,
+    sparsify: str = "magnitude",
 ) -> dict | None:
-    """Pass 1 of TIES: per-task-vector trim statistics (see above); None when nothing to merge."""
-    idx, normalize, lam, rescale, weights, dens = _settings(method, base, tensors, model_params, params, "magnitude")
+    """Pass 1 of TIES / DARE: per-task-vector statistics (see above); None when nothing to merge."""
+    idx, normalize, lam, rescale, weights, dens = _settings(method, base, tensors, model_params, params, sparsify)
     if not idx:
         return None
-    trims = [
-        None if dens[j] >= 1.0 or base.numel() == 0 else _trim_stats(tensors[i], base, dens[j], rescale)
-        for j, i in enumerate(idx)
-    ]
-    return {"idx": idx, "normalize": normalize, "lam": lam, "weights": weights, "trims": trims}
+    if sparsify == "random":
+        if rng is None:
+            raise ValueError(f"{method}: a torch.Generator is required for DARE masks")
+        keys = dare_keys(rng, len(idx))
+        trims = [
+            None if dens[j] >= 1.0 or base.numel() == 0 else _dare_stats(tensors[i], base, dens[j], rescale, keys[j])
+            for j, i in enumerate(idx)
+        ]
+    else:
+        trims = [
+            None if dens[j] >= 1.0 or base.numel() == 0 else _trim_stats(tensors[i], base, dens[j], rescale)
+            for j, i in enumerate(idx)
+        ]
+    return {"idx": idx, "normalize": normalize, "lam": lam, "weights": weights, "trims": trims,
+            "consensus": method != "dare_linear"}
 
 
 def ties_block(state: dict, base: torch.Tensor, tensors: list[torch.Tensor], row0: int) -> torch.Tensor:
@@ -416,11 +485,14 @@ def ties_block(state: dict, base: torch.Tensor, tensors: list[torch.Tensor], row
             else:
                 d.masked_fill_(keep.logical_not_(), 0)
             del key, keep
+        elif st.get("dare") is not None:
+            (k, dens) = st["dare"]
+            d.masked_fill_(dare_keep(k, dens, lo, lo + d.numel(), d.device).view(d.shape).logical_not_(), 0)
         if st["factor"] is not None:
             d.mul_(st["factor"])
         elif st["div"] is not None:
             d.div_(st["div"])
-    mixed = _combine(deltas, state["weights"], base, state["normalize"], True)
+    mixed = _combine(deltas, state["weights"], base, state["normalize"], state["consensus"])
     del deltas
     return _finish(mixed, state["lam"], base)
 
@@ -443,8 +515,8 @@ for _name, _sparsify, _consensus, _normalize, _rescale, _desc in (
             model_params=dict(_MODEL),
             description=_desc,
             **(
-                {"prepare": partial(ties_prepare, method=_name), "fn_block": ties_block}
-                if _sparsify == "magnitude"
+                {"prepare": partial(ties_prepare, method=_name, sparsify=_sparsify), "fn_block": ties_block}
+                if _sparsify
                 else {}
             ),
         )

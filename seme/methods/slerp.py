@@ -22,17 +22,13 @@ NORM_EPS = 1e-8
 CHUNK = 1 << 20  # entries per chunk of float32 scratch
 
 
-def slerp_tensors(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Spherical interpolation from ``a`` (t = 0) to ``b`` (t = 1), in the dtype of ``a``.
+def slerp_coefficients(t: float, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """(c_a, c_b, chunks) with θ = c_a·x + c_b·y for the flat, non-empty ``x`` (t = 0) and ``y``.
 
-    Works through the flattened tensors in chunks of ``CHUNK`` entries, so the float32 scratch
-    stays small for large half-precision tensors; norms and dot are summed per chunk in the same
-    order as mergekit, which makes the coefficients (ill-conditioned near collinearity) agree.
+    The norms and the dot are summed per chunk in the same order as mergekit, which makes the
+    coefficients (ill-conditioned near collinearity) agree; the fused CPU kernels use them too.
     """
-    dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
-    x, y = a.reshape(-1), b.reshape(-1)
-    if x.numel() == 0:
-        return a.clone()
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     tt = torch.tensor(t, dtype=dtype, device=x.device)
     spans = [(i, min(i + CHUNK, x.numel())) for i in range(0, x.numel(), CHUNK)]
 
@@ -46,12 +42,24 @@ def slerp_tensors(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     dot = torch.stack([((x[i:j].to(dtype) / na) * (y[i:j].to(dtype) / nb)).sum() for i, j in spans])
     dot = dot.sum().clamp(-1, 1)
     if dot.abs() > DOT_THRESHOLD:
-        ca, cb = 1 - tt, tt
-    else:
-        theta = torch.acos(dot)
-        sin_theta = torch.sin(theta)
-        ca = torch.sin((1 - tt) * theta) / sin_theta
-        cb = torch.sin(tt * theta) / sin_theta
+        return 1 - tt, tt, spans
+    theta = torch.acos(dot)
+    sin_theta = torch.sin(theta)
+    return torch.sin((1 - tt) * theta) / sin_theta, torch.sin(tt * theta) / sin_theta, spans
+
+
+def slerp_tensors(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation from ``a`` (t = 0) to ``b`` (t = 1), in the dtype of ``a``.
+
+    Works through the flattened tensors in chunks of ``CHUNK`` entries, so the float32 scratch
+    stays small for large half-precision tensors; norms and dot are summed per chunk in the same
+    order as mergekit, which makes the coefficients (ill-conditioned near collinearity) agree.
+    """
+    x, y = a.reshape(-1), b.reshape(-1)
+    if x.numel() == 0:
+        return a.clone()
+    ca, cb, spans = slerp_coefficients(t, x, y)
+    dtype = ca.dtype
     out = torch.empty_like(x)
     for i, j in spans:
         out[i:j] = ca * x[i:j].to(dtype) + cb * y[i:j].to(dtype)

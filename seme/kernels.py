@@ -1,0 +1,400 @@
+"""Fused CPU kernels (numba) for the classic methods: one pass over the inputs per output tensor.
+
+The torch implementations in ``seme.methods`` are the reference: they follow mergekit op by op, and
+each op is a separate pass over memory (bf16 → float32 → op → bf16 …). On a CPU that makes a merge
+compute-bound: TIES did about 25 passes. These kernels walk the tensors once, in cache-sized
+chunks, on all cores, and reproduce the reference's arithmetic exactly: every op the reference
+runs in the compute dtype is done in float32 and rounded to that dtype at the same point
+(round-to-nearest-even, as torch does), so the fast path's output equals the reference's bit for
+bit (``tests/test_kernels.py`` checks this on random tensors for every method and dtype; SLERP's
+two coefficients come from the reference's own sums).
+
+Data travel as raw bits: bfloat16 as uint16, float32 as uint32 (the kernels read ``itemsize``). The
+kernels also count non-finite entries of every input and of the output, so the executor needs no
+separate NaN/Inf pass. Kernels compile on first use and are cached on disk
+(``$NUMBA_CACHE_DIR``, default ``~/.cache/seme/numba``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("NUMBA_CACHE_DIR", str(Path.home() / ".cache" / "seme" / "numba"))
+
+from numba import njit  # after NUMBA_CACHE_DIR is set
+
+CH = 4096  # entries per chunk: a few float32 scratch rows stay in the L1/L2 cache
+EXP = np.uint32(0x7F800000)
+
+_opts = {"nogil": True, "cache": True, "fastmath": False, "error_model": "numpy"}
+
+
+@njit(inline="always", **_opts)
+def _load(src, lo, m, dst):
+    """Bits of src[lo:lo+m] as float32 bits into ``dst`` (uint32); returns # non-finite."""
+    sh = np.uint32((4 - src.itemsize) * 8)
+    bad = 0
+    for i in range(m):
+        u = np.uint32(src[lo + i]) << sh
+        dst[i] = u
+        bad += (u & EXP) == EXP
+    return bad
+
+
+@njit(inline="always", **_opts)
+def _round16(u, m):
+    """Round the float32 bits u[:m] to bfloat16 in place (nearest even), kept as float32 bits."""
+    for i in range(m):
+        x = u[i]
+        u[i] = (x + np.uint32(0x7FFF) + ((x >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+
+
+@njit(inline="always", **_opts)
+def _store(u, m, out, lo):
+    """float32 bits u[:m] into ``out`` (uint16: rounded to bfloat16; uint32: as is); # non-finite."""
+    bad = 0
+    if out.itemsize == 2:
+        _round16(u, m)
+        for i in range(m):
+            x = u[i]
+            bad += (x & EXP) == EXP
+            out[lo + i] = x >> np.uint32(16)
+    else:
+        for i in range(m):
+            x = u[i]
+            bad += (x & EXP) == EXP
+            out[lo + i] = x
+    return bad
+
+
+MAXK = 8  # sources per kernel call (x0 … x7; unused ones are empty arrays)
+
+
+@njit(inline="always", **_opts)
+def _pick(j, x0, x1, x2, x3, x4, x5, x6, x7):
+    if j == 0:
+        return x0
+    if j == 1:
+        return x1
+    if j == 2:
+        return x2
+    if j == 3:
+        return x3
+    if j == 4:
+        return x4
+    if j == 5:
+        return x5
+    if j == 6:
+        return x6
+    return x7
+
+
+@njit(inline="always", **_opts)
+def _rnd(u, m, half):
+    if half:
+        _round16(u, m)
+
+
+@njit(**{**_opts, "fastmath": {"contract"}})
+def linear_kernel(K, x0, x1, x2, x3, x4, x5, x6, x7, w, normalize, denom, out, lo, hi):
+    """θ[lo:hi] = Σ w_k x_k (÷ denom): float32 fused multiply-adds, one rounding at the end.
+
+    Returns the number of non-finite entries of each input and of the output (K + 1 counts)."""
+    bad = np.zeros(K + 1, np.int64)
+    acc = np.empty(CH, np.float32)
+    u = np.empty(CH, np.uint32)
+    f = u.view(np.float32)
+    for c0 in range(lo, hi, CH):
+        m = min(CH, hi - c0)
+        acc[:m] = 0
+        for k in range(K):
+            bad[k] += _load(_pick(k, x0, x1, x2, x3, x4, x5, x6, x7), c0, m, u)
+            wk = w[k]
+            for i in range(m):
+                acc[i] = acc[i] + wk * f[i]  # fused multiply-add, as torch's add_(alpha=)
+        if normalize:
+            for i in range(m):
+                acc[i] = acc[i] / denom
+        _rnd(acc.view(np.uint32), m, x0.itemsize == 2)  # the result in the compute dtype
+        bad[K] += _store(acc.view(np.uint32), m, out, c0)
+    return bad
+
+
+# --- DARE masks: a counter-based hash, so a mask entry depends only on (key, flat index) ---------
+#
+# keep(i) ⇔ h(i) < density · 2³², h = fmix32(fmix32(lo32(i) ⊕ k1) ⊕ hi32(i) ⊕ k2) with murmur3's
+# finalizer. Any block of any tensor can be masked on its own, in any order, on any thread or
+# device, with the same result; ``seme.methods.gta.dare_keep`` computes the same mask with torch.
+
+M32 = np.uint64(0xFFFFFFFF)
+
+
+@njit(inline="always", **_opts)
+def _fmix32(x):
+    x ^= x >> np.uint64(16)
+    x = (x * np.uint64(0x85EBCA6B)) & M32
+    x ^= x >> np.uint64(13)
+    x = (x * np.uint64(0xC2B2AE35)) & M32
+    x ^= x >> np.uint64(16)
+    return x
+
+
+@njit(inline="always", **_opts)
+def _dare_keep(i, k1, k2, thr):
+    ii = np.uint64(i)
+    h = _fmix32((ii & M32) ^ k1)
+    h = _fmix32(h ^ (ii >> np.uint64(32)) ^ k2)
+    return h < thr
+
+
+# --- generalized task arithmetic: task_arithmetic, ties, dare_linear, dare_ties (pass 2) ---------
+
+SP_NONE, SP_MAGNITUDE, SP_RANDOM = 0, 1, 2
+
+
+@njit(**_opts)
+def gta_kernel(b, K, x0, x1, x2, x3, x4, x5, x6, x7, w, sparsify, thr, cut, k1, k2, dthr, smul, sdiv, consensus, normalize,
+               ndiv, lam, out, lo, hi):
+    """Pass 2 of the GTA recipe on flat entries [lo, hi) of one tensor, op for op as
+    ``seme.methods.gta`` (each op rounded to the compute dtype = the inputs' dtype).
+
+    Per source j: ``thr[j]``/``cut[j]`` (magnitude: keep key > thr, or key == thr before flat index
+    cut; thr < 0: no trim), ``k1/k2/dthr`` (random: the DARE hash mask), ``smul[j]``/``sdiv[j]``
+    (rescale factor / divisor; NaN: none), ``w[j]`` the weight in the compute dtype. ``ndiv``: the
+    normalize divisor without consensus. Returns non-finite counts: base, each source, output.
+    """
+    half = b.itemsize == 2
+    kmask = np.uint32(0x7FFF0000) if half else np.uint32(0x7FFFFFFF)
+    bad = np.zeros(K + 2, np.int64)
+    ub = np.empty(CH, np.uint32)
+    fb = ub.view(np.float32)
+    u = np.empty(CH, np.uint32)
+    f = u.view(np.float32)
+    D = np.empty((K, CH), np.float32)
+    acc = np.empty(CH, np.float32)
+    sgn = np.empty(CH, np.float32)
+    dv = np.empty(CH, np.float32)
+    for c0 in range(lo, hi, CH):
+        m = min(CH, hi - c0)
+        bad[0] += _load(b, c0, m, ub)
+        for j in range(K):
+            bad[1 + j] += _load(_pick(j, x0, x1, x2, x3, x4, x5, x6, x7), c0, m, u)
+            for i in range(m):
+                f[i] = f[i] - fb[i]
+            _rnd(u, m, half)
+            if sparsify == SP_MAGNITUDE and thr[j] >= 0:
+                t = np.uint32(thr[j] << 16) if half else np.uint32(thr[j])
+                for i in range(m):
+                    key = u[i] & kmask
+                    if not (key > t or (key == t and c0 + i < cut[j])):
+                        u[i] = 0
+            elif sparsify == SP_RANDOM:
+                for i in range(m):
+                    if not _dare_keep(c0 + i, k1[j], k2[j], dthr[j]):
+                        u[i] = 0
+            if not np.isnan(smul[j]):
+                for i in range(m):
+                    f[i] = f[i] * smul[j]
+                _rnd(u, m, half)
+            elif not np.isnan(sdiv[j]):
+                for i in range(m):
+                    f[i] = f[i] / sdiv[j]
+                _rnd(u, m, half)
+            wj = w[j]
+            for i in range(m):
+                f[i] = f[i] * wj
+            _rnd(u, m, half)
+            D[j, :m] = f[:m]
+        ua = acc.view(np.uint32)
+        if consensus:
+            acc[:m] = 0
+            for j in range(K):
+                for i in range(m):
+                    acc[i] = acc[i] + D[j, i]
+            _rnd(ua, m, half)
+            for i in range(m):
+                sgn[i] = 1.0 if acc[i] >= 0 else -1.0
+            acc[:m] = 0
+            dv[:m] = 0
+            for j in range(K):
+                wj = w[j]
+                for i in range(m):
+                    p = D[j, i] * sgn[i]
+                    if p > 0:
+                        acc[i] = acc[i] + p
+                        dv[i] = dv[i] + wj
+                    else:
+                        acc[i] = acc[i] + np.float32(0.0)
+            _rnd(ua, m, half)
+            for i in range(m):
+                acc[i] = acc[i] * sgn[i]
+            if normalize:
+                _rnd(dv.view(np.uint32), m, half)
+                for i in range(m):
+                    d = dv[i] if dv[i] != 0 else np.float32(1.0)
+                    acc[i] = acc[i] / d
+                _rnd(ua, m, half)
+        else:
+            acc[:m] = 0
+            for j in range(K):
+                for i in range(m):
+                    acc[i] = acc[i] + D[j, i]
+            _rnd(ua, m, half)
+            if normalize:
+                for i in range(m):
+                    acc[i] = acc[i] / ndiv
+                _rnd(ua, m, half)
+        if lam != 1:
+            for i in range(m):
+                acc[i] = acc[i] * lam
+            _rnd(ua, m, half)
+        for i in range(m):
+            acc[i] = acc[i] + fb[i]
+        _rnd(ua, m, half)
+        bad[K + 1] += _store(ua, m, out, c0)
+    return bad
+
+
+# --- TIES pass 1: the top-k threshold of |δ| by radix selection ----------------------------------
+
+
+@njit(**_opts)
+def delta_key_hist(t, b, lo, hi):
+    """Histogram (2¹⁵ buckets) of the top 15 magnitude bits of δ = t − b (rounded to the dtype)
+    over flat entries [lo, hi): exact keys for bfloat16, buckets of 2¹⁶ keys for float32.
+
+    Four interleaved sub-histograms: task-vector magnitudes crowd into few buckets, and
+    back-to-back increments of one counter would wait on each other."""
+    half = b.itemsize == 2
+    hist4 = np.zeros((4, 1 << 15), np.int32)
+    ub = np.empty(CH, np.uint32)
+    fb = ub.view(np.float32)
+    u = np.empty(CH, np.uint32)
+    f = u.view(np.float32)
+    for c0 in range(lo, hi, CH):
+        m = min(CH, hi - c0)
+        _load(b, c0, m, ub)
+        _load(t, c0, m, u)
+        for i in range(m):
+            f[i] = f[i] - fb[i]
+        _rnd(u, m, half)
+        for i in range(m):
+            u[i] = (u[i] & np.uint32(0x7FFFFFFF)) >> np.uint32(16)
+        m4 = m - m % 4
+        for i in range(0, m4, 4):
+            hist4[0, u[i]] += 1
+            hist4[1, u[i + 1]] += 1
+            hist4[2, u[i + 2]] += 1
+            hist4[3, u[i + 3]] += 1
+        for i in range(m4, m):
+            hist4[0, u[i]] += 1
+    hist = np.zeros(1 << 15, np.int64)
+    for r in range(4):
+        for i in range(1 << 15):
+            hist[i] += hist4[r, i]
+    return hist
+
+
+@njit(**_opts)
+def delta_key_gather(t, b, bucket, count, lo, hi):
+    """float32 only: the keys (31 magnitude bits) of δ in ``bucket`` and their flat indices."""
+    keys = np.empty(count, np.int64)
+    idx = np.empty(count, np.int64)
+    ub = np.empty(CH, np.uint32)
+    fb = ub.view(np.float32)
+    u = np.empty(CH, np.uint32)
+    f = u.view(np.float32)
+    n = 0
+    for c0 in range(lo, hi, CH):
+        m = min(CH, hi - c0)
+        _load(b, c0, m, ub)
+        _load(t, c0, m, u)
+        for i in range(m):
+            f[i] = f[i] - fb[i]
+            key = u[i] & np.uint32(0x7FFFFFFF)
+            if (key >> np.uint32(16)) == bucket:
+                keys[n] = key
+                idx[n] = c0 + i
+                n += 1
+    return keys[:n], idx[:n]
+
+
+@njit(**_opts)
+def delta_nth_equal(t, b, thr16, need, lo, hi):
+    """bfloat16 only: flat index of the ``need``-th (0-based) entry whose |δ| key equals thr16."""
+    ub = np.empty(CH, np.uint32)
+    fb = ub.view(np.float32)
+    u = np.empty(CH, np.uint32)
+    f = u.view(np.float32)
+    for c0 in range(lo, hi, CH):
+        m = min(CH, hi - c0)
+        _load(b, c0, m, ub)
+        _load(t, c0, m, u)
+        for i in range(m):
+            f[i] = f[i] - fb[i]
+        _round16(u, m)
+        for i in range(m):
+            if ((u[i] & np.uint32(0x7FFFFFFF)) >> np.uint32(16)) == thr16:
+                if need == 0:
+                    return c0 + i
+                need -= 1
+    return -1
+
+
+@njit(**_opts)
+def delta_l1(t, b, sparsify, thr, cut, k1, k2, dthr, lo, hi):
+    """(Σ|δ|, Σ|δ after the trim or drop|) over [lo, hi) in float64: L1 rescaling's two norms."""
+    half = b.itemsize == 2
+    kmask = np.uint32(0x7FFF0000) if half else np.uint32(0x7FFFFFFF)
+    t32 = np.uint32(thr << 16) if half else np.uint32(max(thr, 0))
+    ub = np.empty(CH, np.uint32)
+    fb = ub.view(np.float32)
+    u = np.empty(CH, np.uint32)
+    f = u.view(np.float32)
+    before = 0.0
+    after = 0.0
+    for c0 in range(lo, hi, CH):
+        m = min(CH, hi - c0)
+        _load(b, c0, m, ub)
+        _load(t, c0, m, u)
+        for i in range(m):
+            f[i] = f[i] - fb[i]
+        _rnd(u, m, half)
+        for i in range(m):
+            a = abs(np.float64(f[i]))
+            before += a
+            if sparsify == SP_MAGNITUDE:
+                if thr < 0:
+                    after += a
+                else:
+                    key = u[i] & kmask
+                    if key > t32 or (key == t32 and c0 + i < cut):
+                        after += a
+            elif _dare_keep(c0 + i, k1, k2, dthr):
+                after += a
+    return before, after
+
+
+# --- SLERP ----------------------------------------------------------------------------------------
+
+
+@njit(**_opts)
+def lerp_kernel(a, b, ca, cb, out, lo, hi):
+    """out = ca·a + cb·b in float32 (two products, one sum, each rounded: no fused multiply-add)."""
+    bad = np.zeros(3, np.int64)
+    ua = np.empty(CH, np.uint32)
+    fa = ua.view(np.float32)
+    ub = np.empty(CH, np.uint32)
+    fb = ub.view(np.float32)
+    for c0 in range(lo, hi, CH):
+        m = min(CH, hi - c0)
+        bad[0] += _load(a, c0, m, ua)
+        bad[1] += _load(b, c0, m, ub)
+        for i in range(m):
+            fa[i] = ca * fa[i] + cb * fb[i]
+        _rnd(ua, m, a.itemsize == 2)  # the result in the compute dtype
+        bad[2] += _store(ua, m, out, c0)
+    return bad

@@ -1,0 +1,235 @@
+"""The classic methods on the fused CPU kernels of :mod:`seme.kernels`: same results, one pass.
+
+Each function here takes what the method's torch function takes (the executor's tensors, in the
+compute dtype) plus the output dtype, checks the parameters with the very same code, and returns
+``(merged, bad)``: the merged tensor and the non-finite counts the kernels found in the base, in
+each input tensor and in the output. The executor uses these instead of the torch functions on the
+CPU when the compute dtype is bfloat16 or float32 (``SEME_KERNELS=off`` turns them off).
+
+Work is split over threads in contiguous ranges of whole kernel chunks; the kernels release the GIL.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import torch
+
+from seme import kernels as K
+from seme.methods import gta
+from seme.methods._params import as_bool, as_float, non_base
+from seme.methods.slerp import slerp_coefficients
+
+SUPPORTED = (torch.bfloat16, torch.float32)
+MAXK = K.MAXK  # sources per kernel call
+_BITS = {torch.bfloat16: (torch.int16, np.uint16), torch.float32: (torch.int32, np.uint32)}
+_pool: ThreadPoolExecutor | None = None
+
+
+def threads() -> int:
+    """Kernel threads: ``$SEME_THREADS``, else torch's intra-op thread count."""
+    env = os.environ.get("SEME_THREADS")
+    return max(1, int(env)) if env else max(1, torch.get_num_threads())
+
+
+def bits(t: torch.Tensor) -> np.ndarray:
+    """The raw bits of a contiguous bfloat16/float32 tensor as a flat uint16/uint32 array (no copy)."""
+    it, nt = _BITS[t.dtype]
+    return t.reshape(-1).view(it).numpy().view(nt)
+
+
+BLOCK = 1 << 22  # entries per block: input pages are given back after each block (bounded RSS)
+
+
+def _ranges(lo: int, hi: int) -> list[tuple[int, int]]:
+    n = hi - lo
+    parts = threads() if n >= 1 << 16 else 1
+    step = -(-n // parts)
+    step = -(-step // K.CH) * K.CH  # whole chunks per part
+    return [(a, min(hi, a + step)) for a in range(lo, hi, step)] or [(lo, lo)]
+
+
+def run(fn, n: int, *args: Any, release=None) -> list[tuple[tuple[int, int], Any]]:
+    """``fn(*args, lo, hi)`` over [0, n): blocks of ``BLOCK`` entries, each split into per-thread
+    ranges; ``release(lo, hi)`` after each block. Returns (range, result) pairs in range order."""
+    global _pool
+    out: list[tuple[tuple[int, int], Any]] = []
+    for b0 in range(0, max(n, 1), BLOCK):
+        rs = _ranges(b0, min(n, b0 + BLOCK))
+        if len(rs) == 1:
+            out.append((rs[0], fn(*args, *rs[0])))
+        else:
+            if _pool is None:
+                _pool = ThreadPoolExecutor(max_workers=threads(), thread_name_prefix="seme-kernel")
+            out.extend(zip(rs, _pool.map(lambda r: fn(*args, *r), rs)))
+        if release is not None:
+            release(b0, min(n, b0 + BLOCK))
+    return out
+
+
+def _total(res: list[tuple[tuple[int, int], Any]]) -> np.ndarray:
+    return np.sum([r for _, r in res], axis=0)
+
+
+def _out(shape: torch.Size, od: torch.dtype) -> tuple[torch.Tensor, np.ndarray]:
+    out = torch.empty(shape, dtype=od)
+    return out, bits(out)
+
+
+def _pack(ts: list[torch.Tensor]) -> tuple:
+    """(K, x0 … x7) for the kernels: the inputs' bits, padded with empty arrays."""
+    xs = [bits(t) for t in ts]
+    if len(xs) > K.MAXK:
+        raise ValueError(f"fused kernels take at most {K.MAXK} inputs")
+    return (len(xs), *xs, *[xs[0][:0]] * (K.MAXK - len(xs)))
+
+
+def linear(b, ts, mp, gp, rng, od, release=None) -> tuple[torch.Tensor, dict]:
+    """:func:`seme.methods.linear.linear`, fused."""
+    from seme.errors import ConfigError
+
+    normalize = as_bool("linear", "normalize", gp.get("normalize", True))
+    weights = [as_float("linear", "weight", p.get("weight"), f"model {i}") for i, p in enumerate(mp)]
+    w = torch.tensor(weights, dtype=torch.float32)
+    denom = float(w.sum())
+    if normalize and denom == 0.0:
+        raise ConfigError(f"linear: the weights sum to 0 ({weights}); cannot normalize")
+    out, o = _out(ts[0].shape, od)
+    n = o.size
+    tot = _total(run(K.linear_kernel, n, *_pack(ts), w.numpy(), normalize, np.float32(denom), o, release=release))
+    return out, {"base": 0, "sources": tot[:-1].tolist(), "out": int(tot[-1])}
+
+
+def _to_dtype(x: float, dtype: torch.dtype) -> torch.Tensor:
+    return torch.tensor(x, dtype=torch.float64).to(dtype)
+
+
+def gta_method(b, ts, mp, gp, rng, od, release=None, *, method: str, sparsify: str | None, consensus: bool) -> tuple[torch.Tensor, dict]:
+    """:func:`seme.methods.gta.gta_merge` (task arithmetic, TIES, DARE), fused: pass 1 computes
+    each task vector's trim threshold (radix select) or DARE key and the L1 factors; pass 2 is one
+    kernel over all inputs."""
+    idx, normalize, lam, rescale, weights, dens = gta._settings(method, b, ts, mp, gp, sparsify)
+    if not idx:  # nothing to merge: the base, checked here since no kernel reads it
+        nf = int((~torch.isfinite(b)).sum())
+        return b, {"base": nf, "sources": [0] * len(ts), "out": nf}
+    if sparsify == "random" and rng is None:
+        raise ValueError(f"{method}: a torch.Generator is required for DARE masks")
+    dt = b.dtype
+    n = b.numel()
+    bb = bits(b)
+    xs = [bits(ts[i]) for i in idx]
+    J = len(idx)
+    thr = np.full(J, -1, np.int64)
+    cut = np.full(J, n, np.int64)
+    k1 = np.zeros(J, np.uint64)
+    k2 = np.zeros(J, np.uint64)
+    dthr = np.full(J, 1 << 32, np.uint64)  # 2³²: every 32-bit hash is below it (no drop)
+    smul = np.full(J, np.nan, np.float32)
+    sdiv = np.full(J, np.nan, np.float32)
+    sp = {None: K.SP_NONE, "magnitude": K.SP_MAGNITUDE, "random": K.SP_RANDOM}[sparsify]
+    keys = gta.dare_keys(rng, J) if sparsify == "random" else None
+    for j in range(J):
+        if sparsify is None or dens[j] >= 1.0 or n == 0:
+            continue
+        if sparsify == "magnitude":
+            thr[j], cut[j] = _topk_threshold(xs[j], bb, max(1, int(dens[j] * n)), dt == torch.bfloat16, release)
+        else:
+            k1[j], k2[j] = keys[j]
+            dthr[j] = gta.dare_threshold(dens[j])
+        if rescale == "l1" and (sparsify == "random" or thr[j] >= 0):
+            parts = run(K.delta_l1, n, xs[j], bb, sp, int(thr[j]), int(cut[j]), k1[j], k2[j], dthr[j],
+                        release=release)
+            before = _to_dtype(sum(float(p[0]) for _, p in parts), dt)
+            after = _to_dtype(sum(float(p[1]) for _, p in parts), dt)
+            if not (before < gta._EPS or after < gta._EPS):
+                smul[j] = float(before / after)
+        elif rescale == "exact":
+            sdiv[j] = dens[j]
+    w = torch.tensor(weights, dtype=dt)
+    ndiv = w.sum()
+    if ndiv.abs() < 1e-8:
+        ndiv = torch.ones((), dtype=dt)
+    out, o = _out(b.shape, od)
+    tot = _total(run(K.gta_kernel, n, bb, *_pack([ts[i] for i in idx]), w.float().numpy(), sp, thr, cut, k1,
+                     k2, dthr, smul, sdiv, consensus, normalize, np.float32(float(ndiv)), np.float32(lam), o,
+                     release=release))
+    src = [0] * len(ts)
+    for j, i in enumerate(idx):
+        src[i] = int(tot[1 + j])
+    return out, {"base": int(tot[0]), "sources": src, "out": int(tot[-1])}
+
+
+def _topk_threshold(x: np.ndarray, b: np.ndarray, k: int, half: bool, release=None) -> tuple[int, int]:
+    """(threshold key, tie cut) of the top-k trim of δ = x − b, as ``gta.topk_mask`` chooses:
+    keep key > thr, and key == thr at flat indices < cut (lowest indices first)."""
+    n = b.size
+    if k >= n:
+        return -1, n
+    hists = run(K.delta_key_hist, n, x, b, release=release)
+    hist = _total(hists)
+    from_top = np.cumsum(hist[::-1])
+    i = int(np.searchsorted(from_top, k))
+    bucket = (1 << 15) - 1 - i
+    above = int(from_top[i] - hist[bucket])
+    if half:
+        thr, n_gt, n_eq = bucket, above, int(hist[bucket])
+        if n_gt + n_eq <= k:
+            return thr, n
+        need = k - n_gt
+        for (lo, hi), h in hists:
+            c = int(h[thr])
+            if need < c:
+                return thr, int(K.delta_nth_equal(x, b, np.uint32(thr), need, lo, hi))
+            need -= c
+        raise AssertionError("top-k tie cut not found")  # pragma: no cover - counts guarantee it
+    found = [K.delta_key_gather(x, b, np.uint32(bucket), int(h[bucket]), lo, hi) for (lo, hi), h in hists]
+    cand = np.concatenate([f[0] for f in found])
+    where = np.concatenate([f[1] for f in found])
+    r = k - above  # the r-th largest candidate is the threshold
+    thr = int(np.partition(cand, cand.size - r)[cand.size - r])
+    n_gt = above + int((cand > thr).sum())
+    ties = where[cand == thr]
+    return thr, (int(ties[k - n_gt]) if n_gt + ties.size > k else n)
+
+
+def slerp(b, ts, mp, gp, rng, od, release=None) -> tuple[torch.Tensor, dict]:
+    """:func:`seme.methods.slerp.slerp`: the coefficients from the reference's own (mergekit-order)
+    sums, the interpolation fused."""
+    from seme.errors import ConfigError
+
+    if b is not None and not b.is_floating_point():
+        raise ConfigError(f"slerp: tensors must be floating point, got {b.dtype}")
+    others = non_base("slerp", b, ts)
+    if len(others) != 1:
+        from seme.methods.slerp import slerp as reference
+
+        reference(b, ts, mp, gp, rng)  # raises the reference's error
+    t = as_float("slerp", "t", gp.get("t"))
+    x, y = bits(b), bits(ts[others[0]])
+    n = x.size
+    if n == 0:
+        return b.clone(), {"base": 0, "sources": [0] * len(ts), "out": 0}
+    ca, cb, _ = slerp_coefficients(t, b.reshape(-1), ts[others[0]].reshape(-1))  # the reference's sums
+    out, o = _out(b.shape, od)
+    tot = _total(run(K.lerp_kernel, n, x, y, np.float32(float(ca)), np.float32(float(cb)), o, release=release))
+    src = [0] * len(ts)
+    src[others[0]] = int(tot[1])
+    return out, {"base": int(tot[0]), "sources": src, "out": int(tot[2])}
+
+
+def get(name: str):
+    """The fused function for method ``name``, or None."""
+    from functools import partial
+
+    table = {
+        "linear": linear,
+        "task_arithmetic": partial(gta_method, method="task_arithmetic", sparsify=None, consensus=False),
+        "ties": partial(gta_method, method="ties", sparsify="magnitude", consensus=True),
+        "dare_ties": partial(gta_method, method="dare_ties", sparsify="random", consensus=True),
+        "dare_linear": partial(gta_method, method="dare_linear", sparsify="random", consensus=False),
+        "slerp": slerp,
+    }
+    return table.get(name)

@@ -1,0 +1,182 @@
+"""The fused CPU kernels (seme.kernels via seme.methods.fused) equal the torch methods bit for bit.
+
+The torch functions in seme.methods are the reference (checked against closed forms and against
+mergekit elsewhere); here every method, in bfloat16 and float32, on tensors whose task vectors
+have long runs of equal magnitudes (so TIES's tie rule decides), with blocks and thread ranges
+small enough that the top-k cut and the DARE hash straddle them.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from seme import kernels as K
+from seme import methods
+from seme.methods import fused, gta
+
+CASES = [
+    ("linear", {"normalize": True}, [0.3, 0.7, 1.1], None),
+    ("linear", {"normalize": False}, [0.3, 0.7, 1.1], None),
+    ("task_arithmetic", {"normalize": True, "lambda": 0.6}, [0.3, 0.7, 1.1], None),
+    ("task_arithmetic", {"normalize": False, "lambda": 1.0}, [0.5, 0.5, 0.5], None),
+    ("ties", {"normalize": True, "lambda": 1.0}, [0.3, 0.7, 1.1], [0.5, 0.3, 0.8]),
+    ("ties", {"normalize": False, "lambda": 0.7, "rescale": True}, [0.3, 0.7, 1.1], [0.5, 0.3, 1.0]),
+    ("ties", {"normalize": True, "lambda": 1.0, "rescale": "exact"}, [0.3, 0.7, 1.1], [0.5, 0.05, 0.9]),
+    ("dare_ties", {"normalize": False, "lambda": 1.0, "rescale": True}, [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]),
+    ("dare_ties", {"normalize": True, "lambda": 0.8, "rescale": False}, [0.5, 1.0, 0.2], [0.9, 0.2, 1.0]),
+    ("dare_linear", {"normalize": False, "lambda": 1.0, "rescale": "exact"}, [0.5, 0.5, 0.5], [0.3, 0.3, 0.3]),
+    ("slerp", {"t": 0.3}, None, None),
+]
+
+
+def _inputs(dtype: torch.dtype, shape: tuple[int, ...], coarse: bool, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g).to(dtype)
+    if coarse:  # few distinct task-vector magnitudes: long runs of ties at the top-k cut
+        fts = [(base.double() + torch.randint(-4, 5, shape, generator=g).double() * 0.125).to(dtype)
+               for _ in range(3)]
+    else:
+        fts = [(base + 0.01 * torch.randn(shape, generator=g)).to(dtype) for _ in range(3)]
+    return base, fts
+
+
+def _call(name, gp, w, d, base, fts):
+    spec = methods.get(name)
+    params = {**spec.global_params, **gp}
+    if name == "linear":
+        b, ts, mp = None, fts, [{"weight": x} for x in w]
+    elif name == "slerp":
+        b, ts, mp = base, [base, fts[0]], [{}, {}]
+    else:  # the base also listed among the models: left out, as mergekit does
+        b, ts = base, [base, *fts]
+        mp = [{"weight": 1.0, "density": 1.0}] + [{"weight": x, "density": y or 1.0} for x, y in zip(w, d or [None] * 3)]
+    ref = spec.fn(b, ts, mp, params, torch.Generator().manual_seed(7))
+    out, bad = fused.get(name)(b, ts, mp, params, torch.Generator().manual_seed(7), ref.dtype)
+    return ref, out, bad
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("coarse", [False, True])
+def test_fused_equals_torch_bit_for_bit(monkeypatch, case, dtype, coarse):
+    monkeypatch.setattr(fused, "BLOCK", 4 * K.CH)  # several blocks, and thread ranges inside them
+    monkeypatch.setenv("SEME_THREADS", "3")
+    name, gp, w, d = case
+    base, fts = _inputs(dtype, (67, 1031), coarse)  # 69077 entries: not a multiple of a chunk
+    ref, out, bad = _call(name, gp, w, d, base, fts)
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    assert torch.equal(out.view(torch.uint8), ref.view(torch.uint8)), (name, gp, dtype, coarse)
+    assert bad["out"] == 0 and bad["base"] == 0 and not any(bad["sources"])
+    assert not torch.equal(out, base)  # the merge did something
+
+
+def test_the_tie_cut_falls_inside_a_later_range(monkeypatch):
+    """bf16 TIES: the k-th magnitude is shared by many entries, and the cut is found in the right
+    range (not the first), so the per-range tie counting is exercised."""
+    monkeypatch.setattr(fused, "BLOCK", 2 * K.CH)
+    base, fts = _inputs(torch.bfloat16, (67, 1031), True)
+    _thr, cut = fused._topk_threshold(fused.bits(fts[0]), fused.bits(base), int(0.3 * base.numel()), True)
+    assert 2 * K.CH < cut < base.numel()
+    keep = gta.topk_mask(fts[0] - base, int(0.3 * base.numel())).reshape(-1)
+    assert int(torch.nonzero(keep).max()) >= cut - 1
+
+
+def test_dare_hash_is_the_same_in_numba_and_torch():
+    for key, dens, lo in (((1, 2), 0.5, 0), ((0xFFFFFFFF, 12345), 0.1, 2**32 - 500), ((7, 0), 0.9, 10**6)):
+        mask = gta.dare_keep(key, dens, lo, lo + 1000)
+        thr = np.uint64(gta.dare_threshold(dens))
+        nb = [K._dare_keep(i, np.uint64(key[0]), np.uint64(key[1]), thr) for i in range(lo, lo + 1000)]
+        assert mask.tolist() == nb
+    big = gta.dare_keep((3, 4), 0.3, 0, 200_000)
+    assert abs(float(big.float().mean()) - 0.3) < 5 * (0.21 / 200_000) ** 0.5
+
+
+@pytest.mark.parametrize("where", ["base", "source", "output"])
+def test_non_finite_values_are_counted(where):
+    base, fts = _inputs(torch.bfloat16, (40, 300), False)
+    base, fts = base.clone(), [t.clone() for t in fts]
+    spec = methods.get("task_arithmetic")
+    mp = [{"weight": 1.0}] * 3
+    gp = dict(spec.global_params)
+    if where == "base":
+        base[3, 7] = float("nan")
+    elif where == "source":
+        fts[1][5, 2] = float("inf")
+    else:  # finite inputs whose weighted sum overflows bfloat16
+        base[0, 0], fts[0][0, 0] = 3e38, -3e38
+        mp = [{"weight": 1.0}, {"weight": 0.0}, {"weight": 0.0}]
+    _out, bad = fused.get("task_arithmetic")(base, fts, mp, gp, None, torch.bfloat16)
+    if where == "base":
+        assert bad["base"] == 1
+    elif where == "source":
+        assert bad["sources"] == [0, 1, 0]
+    else:
+        assert bad["base"] == 0 and not any(bad["sources"]) and bad["out"] >= 1
+
+
+def _tiny_checkpoints(tmp_path, dtype: torch.dtype, k: int) -> list:
+    from safetensors.torch import save_file
+
+    llama = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32,
+             "num_hidden_layers": 1, "vocab_size": 300}
+    g = torch.Generator().manual_seed(1)
+    base = {"model.embed_tokens.weight": torch.randn(300, 32, generator=g),
+            "model.layers.0.mlp.up_proj.weight": torch.randn(64, 32, generator=g),
+            "model.norm.weight": torch.ones(32)}
+    dirs = []
+    for i in range(k):
+        d = tmp_path / f"m{i}"
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps(llama))
+        sd = {n: (v + (0.02 * torch.randn(v.shape, generator=g) if i else 0)).to(dtype) for n, v in base.items()}
+        save_file(sd, str(d / "model.safetensors"))
+        dirs.append(d)
+    return dirs
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "dare_ties", "slerp"])
+def test_run_merge_writes_the_same_bytes_with_and_without_kernels(tmp_path, monkeypatch, method):
+    from seme import merge as merge_mod
+    from seme.config import MergeConfig
+
+    monkeypatch.setenv(merge_mod.HASH_CACHE_ENV, "off")
+    d = _tiny_checkpoints(tmp_path, torch.bfloat16, 4)
+    if method == "slerp":
+        cfg = {"merge_method": "slerp", "base_model": str(d[0]), "parameters": {"t": 0.4},
+               "models": [{"model": str(d[0])}, {"model": str(d[1])}]}
+    elif method == "linear":
+        cfg = {"merge_method": "linear", "models": [{"model": str(x), "parameters": {"weight": 1.0}} for x in d]}
+    else:
+        cfg = {"merge_method": method, "base_model": str(d[0]),
+               "models": [{"model": str(x), "parameters": {"weight": 0.5, "density": 0.4}} for x in d[1:]]}
+    cfg = MergeConfig.model_validate({**cfg, "dtype": "bfloat16", "seed": 3})
+    calls = []
+    real = fused.get
+    monkeypatch.setattr(fused, "get", lambda n: calls.append(n) or real(n))
+    fast = merge_mod.run_merge(cfg, tmp_path / "fast", progress=False)
+    assert calls == [method]  # the kernels were used
+    monkeypatch.setenv(merge_mod.KERNELS_ENV, "off")
+    slow = merge_mod.run_merge(cfg, tmp_path / "slow", progress=False)
+    assert calls == [method]  # ...and here they were not
+    a = (fast.out_dir / "model.safetensors").read_bytes()
+    assert a == (slow.out_dir / "model.safetensors").read_bytes()
+
+
+def test_more_sources_than_the_kernels_take_use_the_torch_path(tmp_path, monkeypatch):
+    from seme import merge as merge_mod
+    from seme.config import MergeConfig
+
+    d = _tiny_checkpoints(tmp_path, torch.float32, K.MAXK + 1)
+    cfg = MergeConfig.model_validate({"merge_method": "linear", "dtype": "float32",
+                                      "models": [{"model": str(x)} for x in d]})
+    res = merge_mod.run_merge(cfg, tmp_path / "out", progress=False)
+    from safetensors.torch import load_file
+
+    out = load_file(str(res.out_dir / "model.safetensors"))
+    ins = [load_file(str(x / "model.safetensors")) for x in d]
+    n = "model.layers.0.mlp.up_proj.weight"
+    torch.testing.assert_close(out[n], sum(t[n] for t in ins) / len(ins), rtol=1e-6, atol=1e-6)
