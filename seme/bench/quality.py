@@ -420,6 +420,10 @@ def run_bench(
         eval_s += row["eval_s"]
         print(f"[bench] evaluated {row['label']} in {row['eval_s']:.0f}s", file=sys.stderr, flush=True)
 
+    # aligned first: a concurrent run (other variants) evaluates the uncached parents meanwhile
+    alignment, align_info = _shared_alignment(grid, base, experts, out_dtype, models_dir, device, seme_alignment)
+    if align_info.get("error"):
+        notes.append(f"shared SeMe alignment failed ({align_info['error']}); each SeMe variant aligned inline")
     r = {"label": "base", "kind": "base", "family": "base", "status": "ok"}
     evaluate_row(r, base, True)
     rows.append(r)
@@ -451,9 +455,6 @@ def run_bench(
         write_markdown(rep, out_dir / "quality.md")
         return rep
 
-    alignment, align_info = _shared_alignment(grid, base, experts, out_dtype, models_dir, device, seme_alignment)
-    if align_info.get("error"):
-        notes.append(f"shared SeMe alignment failed ({align_info['error']}); each SeMe variant aligned inline")
     for var in grid:
         out = models_dir / var.label.replace("@", "_")
         cfg = merge_config(var, base, experts, out_dtype)
