@@ -1,5 +1,5 @@
 import sys
 
-from seme.cli import main
+from seme.cli import run
 
-sys.exit(main())
+sys.exit(run())

@@ -262,14 +262,15 @@ def gta_kernel(b, K, x0, x1, x2, x3, x4, x5, x6, x7, w, sparsify, thr, cut, k1, 
 
 
 @njit(**_opts)
-def delta_key_hist(t, b, lo, hi):
-    """Histogram (2¹⁵ buckets) of the top 15 magnitude bits of δ = t − b (rounded to the dtype)
-    over flat entries [lo, hi): exact keys for bfloat16, buckets of 2¹⁶ keys for float32.
+def delta_key_hist(b, K, x0, x1, x2, x3, x4, x5, x6, x7, lo, hi):
+    """Per task vector δ_j = x_j − b (rounded to the dtype), a histogram (2¹⁵ buckets) of the top
+    15 magnitude bits over flat entries [lo, hi): exact keys for bfloat16, buckets of 2¹⁶ keys for
+    float32. Reads the base once for all K.
 
-    Four interleaved sub-histograms: task-vector magnitudes crowd into few buckets, and
+    Four interleaved sub-histograms each: task-vector magnitudes crowd into few buckets, and
     back-to-back increments of one counter would wait on each other."""
     half = b.itemsize == 2
-    hist4 = np.zeros((4, 1 << 15), np.int32)
+    hist4 = np.zeros((K, 4, 1 << 15), np.int32)
     ub = np.empty(CH, np.uint32)
     fb = ub.view(np.float32)
     u = np.empty(CH, np.uint32)
@@ -277,24 +278,27 @@ def delta_key_hist(t, b, lo, hi):
     for c0 in range(lo, hi, CH):
         m = min(CH, hi - c0)
         _load(b, c0, m, ub)
-        _load(t, c0, m, u)
-        for i in range(m):
-            f[i] = f[i] - fb[i]
-        _rnd(u, m, half)
-        for i in range(m):
-            u[i] = (u[i] & np.uint32(0x7FFFFFFF)) >> np.uint32(16)
-        m4 = m - m % 4
-        for i in range(0, m4, 4):
-            hist4[0, u[i]] += 1
-            hist4[1, u[i + 1]] += 1
-            hist4[2, u[i + 2]] += 1
-            hist4[3, u[i + 3]] += 1
-        for i in range(m4, m):
-            hist4[0, u[i]] += 1
-    hist = np.zeros(1 << 15, np.int64)
-    for r in range(4):
-        for i in range(1 << 15):
-            hist[i] += hist4[r, i]
+        for j in range(K):
+            _load(_pick(j, x0, x1, x2, x3, x4, x5, x6, x7), c0, m, u)
+            for i in range(m):
+                f[i] = f[i] - fb[i]
+            _rnd(u, m, half)
+            for i in range(m):
+                u[i] = (u[i] & np.uint32(0x7FFFFFFF)) >> np.uint32(16)
+            h = hist4[j]
+            m4 = m - m % 4
+            for i in range(0, m4, 4):
+                h[0, u[i]] += 1
+                h[1, u[i + 1]] += 1
+                h[2, u[i + 2]] += 1
+                h[3, u[i + 3]] += 1
+            for i in range(m4, m):
+                h[0, u[i]] += 1
+    hist = np.zeros((K, 1 << 15), np.int64)
+    for j in range(K):
+        for r in range(4):
+            for i in range(1 << 15):
+                hist[j, i] += hist4[j, r, i]
     return hist
 
 
@@ -345,37 +349,49 @@ def delta_nth_equal(t, b, thr16, need, lo, hi):
 
 
 @njit(**_opts)
-def delta_l1(t, b, sparsify, thr, cut, k1, k2, dthr, lo, hi):
-    """(Σ|δ|, Σ|δ after the trim or drop|) over [lo, hi) in float64: L1 rescaling's two norms."""
+def delta_l1(b, K, x0, x1, x2, x3, x4, x5, x6, x7, sparsify, thr, cut, k1, k2, dthr, lo, hi):
+    """Per task vector j: (Σ|δ_j|, Σ|δ_j after its trim or drop|) over [lo, hi), float64 (four
+    partial sums each, so the additions do not wait on one another): L1 rescaling's two norms."""
     half = b.itemsize == 2
     kmask = np.uint32(0x7FFF0000) if half else np.uint32(0x7FFFFFFF)
-    t32 = np.uint32(thr << 16) if half else np.uint32(max(thr, 0))
+    out = np.zeros((K, 2), np.float64)
     ub = np.empty(CH, np.uint32)
     fb = ub.view(np.float32)
     u = np.empty(CH, np.uint32)
     f = u.view(np.float32)
-    before = 0.0
-    after = 0.0
-    for c0 in range(lo, hi, CH):
-        m = min(CH, hi - c0)
-        _load(b, c0, m, ub)
-        _load(t, c0, m, u)
-        for i in range(m):
-            f[i] = f[i] - fb[i]
-        _rnd(u, m, half)
-        for i in range(m):
-            a = abs(np.float64(f[i]))
-            before += a
+    keep = np.empty(CH, np.float32)
+    for j in range(K):
+        x = _pick(j, x0, x1, x2, x3, x4, x5, x6, x7)
+        t32 = np.uint32(thr[j] << 16) if half else np.uint32(max(thr[j], 0))
+        sb = np.zeros(4, np.float64)
+        sa = np.zeros(4, np.float64)
+        for c0 in range(lo, hi, CH):
+            m = min(CH, hi - c0)
+            _load(b, c0, m, ub)
+            _load(x, c0, m, u)
+            for i in range(m):
+                f[i] = f[i] - fb[i]
+            _rnd(u, m, half)
             if sparsify == SP_MAGNITUDE:
-                if thr < 0:
-                    after += a
-                else:
+                for i in range(m):
                     key = u[i] & kmask
-                    if key > t32 or (key == t32 and c0 + i < cut):
-                        after += a
-            elif _dare_keep(c0 + i, k1, k2, dthr):
-                after += a
-    return before, after
+                    keep[i] = 1.0 if (thr[j] < 0 or key > t32 or (key == t32 and c0 + i < cut[j])) else 0.0
+            else:
+                for i in range(m):
+                    keep[i] = 1.0 if _dare_keep(c0 + i, k1[j], k2[j], dthr[j]) else 0.0
+            m4 = m - m % 4
+            for i in range(0, m4, 4):
+                for r in range(4):
+                    a = abs(np.float64(f[i + r]))
+                    sb[r] += a
+                    sa[r] += a * keep[i + r]
+            for i in range(m4, m):
+                a = abs(np.float64(f[i]))
+                sb[0] += a
+                sa[0] += a * keep[i]
+        out[j, 0] = (sb[0] + sb[1]) + (sb[2] + sb[3])
+        out[j, 1] = (sa[0] + sa[1]) + (sa[2] + sa[3])
+    return out
 
 
 # --- SLERP ----------------------------------------------------------------------------------------

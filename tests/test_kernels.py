@@ -79,7 +79,9 @@ def test_the_tie_cut_falls_inside_a_later_range(monkeypatch):
     range (not the first), so the per-range tie counting is exercised."""
     monkeypatch.setattr(fused, "BLOCK", 2 * K.CH)
     base, fts = _inputs(torch.bfloat16, (67, 1031), True)
-    _thr, cut = fused._topk_threshold(fused.bits(fts[0]), fused.bits(base), int(0.3 * base.numel()), True)
+    x, b = fused.bits(fts[0]), fused.bits(base)
+    hists = [(r, h[0]) for r, h in fused.run(K.delta_key_hist, b.size, b, *fused._pack([x], raw=True))]
+    _thr, cut = fused._topk_threshold(x, b, int(0.3 * base.numel()), True, hists)
     assert 2 * K.CH < cut < base.numel()
     keep = gta.topk_mask(fts[0] - base, int(0.3 * base.numel())).reshape(-1)
     assert int(torch.nonzero(keep).max()) >= cut - 1

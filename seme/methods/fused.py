@@ -79,9 +79,10 @@ def _out(shape: torch.Size, od: torch.dtype) -> tuple[torch.Tensor, np.ndarray]:
     return out, bits(out)
 
 
-def _pack(ts: list[torch.Tensor]) -> tuple:
-    """(K, x0 … x7) for the kernels: the inputs' bits, padded with empty arrays."""
-    xs = [bits(t) for t in ts]
+def _pack(ts: list, raw: bool = False) -> tuple:
+    """(K, x0 … x7) for the kernels: the inputs' bits (``raw``: already bit arrays), padded with
+    empty arrays."""
+    xs = list(ts) if raw else [bits(t) for t in ts]
     if len(xs) > K.MAXK:
         raise ValueError(f"fused kernels take at most {K.MAXK} inputs")
     return (len(xs), *xs, *[xs[0][:0]] * (K.MAXK - len(xs)))
@@ -131,23 +132,30 @@ def gta_method(b, ts, mp, gp, rng, od, release=None, *, method: str, sparsify: s
     sdiv = np.full(J, np.nan, np.float32)
     sp = {None: K.SP_NONE, "magnitude": K.SP_MAGNITUDE, "random": K.SP_RANDOM}[sparsify]
     keys = gta.dare_keys(rng, J) if sparsify == "random" else None
+    trim = [j for j in range(J) if sparsify == "magnitude" and dens[j] < 1.0 and max(1, int(dens[j] * n)) < n]
+    if trim:  # pass 1: all the histograms in one read of the inputs
+        hists = run(K.delta_key_hist, n, bb, *_pack([xs[j] for j in trim], raw=True), release=release)
+        for q, j in enumerate(trim):
+            per_range = [(r, h[q]) for r, h in hists]
+            thr[j], cut[j] = _topk_threshold(xs[j], bb, max(1, int(dens[j] * n)), dt == torch.bfloat16, per_range)
     for j in range(J):
-        if sparsify is None or dens[j] >= 1.0 or n == 0:
-            continue
-        if sparsify == "magnitude":
-            thr[j], cut[j] = _topk_threshold(xs[j], bb, max(1, int(dens[j] * n)), dt == torch.bfloat16, release)
-        else:
+        if sparsify == "random" and dens[j] < 1.0 and n:
             k1[j], k2[j] = keys[j]
             dthr[j] = gta.dare_threshold(dens[j])
-        if rescale == "l1" and (sparsify == "random" or thr[j] >= 0):
-            parts = run(K.delta_l1, n, xs[j], bb, sp, int(thr[j]), int(cut[j]), k1[j], k2[j], dthr[j],
-                        release=release)
-            before = _to_dtype(sum(float(p[0]) for _, p in parts), dt)
-            after = _to_dtype(sum(float(p[1]) for _, p in parts), dt)
+        if sparsify and dens[j] < 1.0 and n and rescale == "exact":
+            sdiv[j] = dens[j]
+    l1 = [j for j in range(J) if rescale == "l1" and (thr[j] >= 0 or dthr[j] < 1 << 32)]
+    if l1:  # L1 rescaling: both norms of every trimmed or dropped vector, in one read
+        sel = np.array(l1)
+        parts = run(K.delta_l1, n, bb, *_pack([xs[j] for j in l1], raw=True), sp, thr[sel], cut[sel],
+                    k1[sel], k2[sel], dthr[sel], release=release)
+        sums = np.zeros((len(l1), 2), np.float64)
+        for _, p in parts:  # float64 partial sums in range order
+            sums += p
+        for q, j in enumerate(l1):
+            before, after = _to_dtype(float(sums[q, 0]), dt), _to_dtype(float(sums[q, 1]), dt)
             if not (before < gta._EPS or after < gta._EPS):
                 smul[j] = float(before / after)
-        elif rescale == "exact":
-            sdiv[j] = dens[j]
     w = torch.tensor(weights, dtype=dt)
     ndiv = w.sum()
     if ndiv.abs() < 1e-8:
@@ -162,14 +170,14 @@ def gta_method(b, ts, mp, gp, rng, od, release=None, *, method: str, sparsify: s
     return out, {"base": int(tot[0]), "sources": src, "out": int(tot[-1])}
 
 
-def _topk_threshold(x: np.ndarray, b: np.ndarray, k: int, half: bool, release=None) -> tuple[int, int]:
+def _topk_threshold(x: np.ndarray, b: np.ndarray, k: int, half: bool, hists: list) -> tuple[int, int]:
     """(threshold key, tie cut) of the top-k trim of δ = x − b, as ``gta.topk_mask`` chooses:
-    keep key > thr, and key == thr at flat indices < cut (lowest indices first)."""
+    keep key > thr, and key == thr at flat indices < cut (lowest indices first). ``hists``: δ's
+    key histogram per range, ((lo, hi), hist) in range order (``delta_key_hist``)."""
     n = b.size
     if k >= n:
         return -1, n
-    hists = run(K.delta_key_hist, n, x, b, release=release)
-    hist = _total(hists)
+    hist = np.sum([h for _, h in hists], axis=0)
     from_top = np.cumsum(hist[::-1])
     i = int(np.searchsorted(from_top, k))
     bucket = (1 << 15) - 1 - i
