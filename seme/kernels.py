@@ -18,11 +18,28 @@ separate NaN/Inf pass. Kernels compile on first use and are cached on disk
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
-os.environ.setdefault("NUMBA_CACHE_DIR", str(Path.home() / ".cache" / "seme" / "numba"))
+
+def _cache_dir() -> str:
+    """A writable directory for numba's compiled-kernel cache (read-only homes exist in pods)."""
+    for cand in (os.environ.get("NUMBA_CACHE_DIR"), Path.home() / ".cache" / "seme" / "numba",
+                 Path(tempfile.gettempdir()) / f"seme-numba-{os.getuid()}"):
+        if not cand:
+            continue
+        try:
+            Path(cand).mkdir(parents=True, exist_ok=True)
+            if os.access(cand, os.W_OK):
+                return str(cand)
+        except OSError:
+            continue
+    raise ImportError("no writable directory for the kernel cache (set NUMBA_CACHE_DIR)")
+
+
+os.environ["NUMBA_CACHE_DIR"] = _cache_dir()
 
 from numba import njit  # after NUMBA_CACHE_DIR is set
 

@@ -377,7 +377,7 @@ def fused_method(name: str, dev: torch.device, compute_dtype: torch.dtype | None
         return None
     try:
         from seme.methods import fused
-    except ImportError as e:  # numba missing or broken: the torch implementations still work
+    except Exception as e:  # noqa: BLE001 - numba missing or unusable: the torch implementations still work
         log.warning("fused CPU kernels unavailable (%s); using the torch implementations", e)
         return None
     return fused.get(name) if n_sources <= fused.MAXK else None
