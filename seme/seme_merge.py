@@ -116,6 +116,46 @@ def _row_thresholds(a: torch.Tensor, keep: int, scratch: torch.Tensor | None = N
     return torch.from_numpy(out)
 
 
+_KERNELS_ENV = "SEME_KERNELS"  # "off": torch path only (same switch as the classic methods' kernels)
+_TIES_KERNEL: Any = None  # the fused numba kernel once built; False when unavailable
+
+
+def _ties_kernel() -> Any:
+    """The fused Trim/Elect/Erase/mean kernel (``seme.seme_kernels``, numba), or None.
+
+    None on request (``SEME_KERNELS=off``) or when numba cannot be imported: the torch path is the
+    reference and gives the same values.
+    """
+    global _TIES_KERNEL
+    if _TIES_KERNEL is None:
+        if os.environ.get(_KERNELS_ENV, "").lower() in ("off", "0", "false", "no"):
+            return None
+        try:
+            _TIES_KERNEL = _build_ties_kernel()
+        except ImportError as e:
+            log.warning("SeMe: fused Erase kernel unavailable (%s); using the torch implementation", e)
+            _TIES_KERNEL = False
+    return _TIES_KERNEL or None
+
+
+def _build_ties_kernel() -> Any:
+    from seme.seme_kernels import ties_rows
+
+    return ties_rows
+
+
+def _ties_fused(kernel: Any, c: torch.Tensor, K: int, b: int, keep: int, out: torch.Tensor) -> None:
+    """Run the fused kernel over the b vectors of a block, in row chunks on the selection threads."""
+    cn, on = c.numpy(), out.numpy()
+    nt = max(1, min(torch.get_num_threads(), b // 8))
+    if nt == 1:
+        kernel(cn, K, b, keep, 0, b, on)
+        return
+    bounds = [b * i // nt for i in range(nt + 1)]
+    for f in [_select_pool().submit(kernel, cn, K, b, keep, lo, hi, on) for lo, hi in pairwise(bounds)]:
+        f.result()
+
+
 def erase_ties_rows(X: torch.Tensor, S_T: torch.Tensor, P: torch.Tensor, density: float,
                     block: int = 512) -> torch.Tensor:
     """TIES in semantic coordinates (§5), vectors as rows: X (K, n, d) -> Δ* (n, d).
@@ -126,6 +166,9 @@ def erase_ties_rows(X: torch.Tensor, S_T: torch.Tensor, P: torch.Tensor, density
     marks the agreeing entries and Σ max(c·s, 0)·s is their sum (sign flips are exact, so this equals
     the plain masked sum); the disjoint mean is mapped back with P = Ŝ_T⁺. Every intermediate lives in
     buffers allocated once per call (fresh multi-MB allocations cost page faults on every block).
+    On the CPU, everything after the GEMM runs as one fused numba kernel per vector (selection,
+    trim, elect, erase, mean in cache), unless ``SEME_KERNELS=off``; the torch ops below are the
+    reference and the GPU path.
     """
     K, n, d = X.shape
     T = S_T.shape[0]
@@ -141,7 +184,8 @@ def erase_ties_rows(X: torch.Tensor, S_T: torch.Tensor, P: torch.Tensor, density
     mbuf = torch.empty(K * bmax * T, dtype=torch.bool, device=X.device)
     sbuf, kbuf = torch.empty(bmax * T, **opts), torch.empty(bmax * T, **opts)
     cbuf = torch.empty(bmax * T, dtype=count_dtype, device=X.device)
-    if trim:
+    kernel = _ties_kernel() if X.device.type == "cpu" and X.dtype == torch.float32 else None
+    if trim and kernel is None:
         abuf = torch.empty(K * bmax * T, **opts)
         pbuf = torch.empty(K * bmax * T, dtype=X.dtype) if X.device.type == "cpu" else None
     for lo in range(0, n, block):
@@ -149,6 +193,11 @@ def erase_ties_rows(X: torch.Tensor, S_T: torch.Tensor, P: torch.Tensor, density
         b = hi - lo
         kb = K * b * T
         c = torch.mm(X[:, lo:hi].reshape(K * b, d), St, out=buf[:kb].view(K * b, T))
+        if kernel is not None:  # one fused pass per vector (CPU)
+            mean = kbuf[: b * T].view(b, T)
+            _ties_fused(kernel, c, K, b, keep, mean)
+            torch.mm(mean, Pt, out=out[lo:hi])
+            continue
         if trim:
             a = torch.abs(c, out=abuf[:kb].view(K * b, T))
             thr = _row_thresholds(a, keep, pbuf).to(a.device)
