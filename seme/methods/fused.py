@@ -74,8 +74,12 @@ def _total(res: list[tuple[tuple[int, int], Any]]) -> np.ndarray:
     return np.sum([r for _, r in res], axis=0)
 
 
-def _out(shape: torch.Size, od: torch.dtype) -> tuple[torch.Tensor, np.ndarray]:
-    out = torch.empty(shape, dtype=od)
+def _out(shape: torch.Size, od: torch.dtype, out: torch.Tensor | None) -> tuple[torch.Tensor, np.ndarray]:
+    """The output tensor (``out`` when the caller lends one) and its bits."""
+    if out is None:
+        out = torch.empty(shape, dtype=od)
+    elif out.shape != shape or out.dtype != od or not out.is_contiguous():
+        raise ValueError(f"output buffer is {tuple(out.shape)} {out.dtype}, need {tuple(shape)} {od}")
     return out, bits(out)
 
 
@@ -88,7 +92,7 @@ def _pack(ts: list, raw: bool = False) -> tuple:
     return (len(xs), *xs, *[xs[0][:0]] * (K.MAXK - len(xs)))
 
 
-def linear(b, ts, mp, gp, rng, od, release=None) -> tuple[torch.Tensor, dict]:
+def linear(b, ts, mp, gp, rng, od, release=None, out=None) -> tuple[torch.Tensor, dict]:
     """:func:`seme.methods.linear.linear`, fused."""
     from seme.errors import ConfigError
 
@@ -98,7 +102,7 @@ def linear(b, ts, mp, gp, rng, od, release=None) -> tuple[torch.Tensor, dict]:
     denom = float(w.sum())
     if normalize and denom == 0.0:
         raise ConfigError(f"linear: the weights sum to 0 ({weights}); cannot normalize")
-    out, o = _out(ts[0].shape, od)
+    out, o = _out(ts[0].shape, od, out)
     n = o.size
     tot = _total(run(K.linear_kernel, n, *_pack(ts), w.numpy(), normalize, np.float32(denom), o, release=release))
     return out, {"base": 0, "sources": tot[:-1].tolist(), "out": int(tot[-1])}
@@ -108,7 +112,7 @@ def _to_dtype(x: float, dtype: torch.dtype) -> torch.Tensor:
     return torch.tensor(x, dtype=torch.float64).to(dtype)
 
 
-def gta_method(b, ts, mp, gp, rng, od, release=None, *, method: str, sparsify: str | None, consensus: bool) -> tuple[torch.Tensor, dict]:
+def gta_method(b, ts, mp, gp, rng, od, release=None, out=None, *, method: str, sparsify: str | None, consensus: bool) -> tuple[torch.Tensor, dict]:
     """:func:`seme.methods.gta.gta_merge` (task arithmetic, TIES, DARE), fused: pass 1 computes
     each task vector's trim threshold (radix select) or DARE key and the L1 factors; pass 2 is one
     kernel over all inputs."""
@@ -160,7 +164,7 @@ def gta_method(b, ts, mp, gp, rng, od, release=None, *, method: str, sparsify: s
     ndiv = w.sum()
     if ndiv.abs() < 1e-8:
         ndiv = torch.ones((), dtype=dt)
-    out, o = _out(b.shape, od)
+    out, o = _out(b.shape, od, out)
     tot = _total(run(K.gta_kernel, n, bb, *_pack([ts[i] for i in idx]), w.float().numpy(), sp, thr, cut, k1,
                      k2, dthr, smul, sdiv, consensus, normalize, np.float32(float(ndiv)), np.float32(lam), o,
                      release=release))
@@ -203,7 +207,7 @@ def _topk_threshold(x: np.ndarray, b: np.ndarray, k: int, half: bool, hists: lis
     return thr, (int(ties[k - n_gt]) if n_gt + ties.size > k else n)
 
 
-def slerp(b, ts, mp, gp, rng, od, release=None) -> tuple[torch.Tensor, dict]:
+def slerp(b, ts, mp, gp, rng, od, release=None, out=None) -> tuple[torch.Tensor, dict]:
     """:func:`seme.methods.slerp.slerp`: the coefficients from the reference's own (mergekit-order)
     sums, the interpolation fused."""
     from seme.errors import ConfigError
@@ -221,7 +225,7 @@ def slerp(b, ts, mp, gp, rng, od, release=None) -> tuple[torch.Tensor, dict]:
     if n == 0:
         return b.clone(), {"base": 0, "sources": [0] * len(ts), "out": 0}
     ca, cb, _ = slerp_coefficients(t, b.reshape(-1), ts[others[0]].reshape(-1))  # the reference's sums
-    out, o = _out(b.shape, od)
+    out, o = _out(b.shape, od, out)
     tot = _total(run(K.lerp_kernel, n, x, y, np.float32(float(ca)), np.float32(float(cb)), o, release=release))
     src = [0] * len(ts)
     src[others[0]] = int(tot[1])
