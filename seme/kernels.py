@@ -53,9 +53,10 @@ _opts = {"nogil": True, "cache": True, "fastmath": False, "error_model": "numpy"
 def _load(src, lo, m, dst):
     """Bits of src[lo:lo+m] as float32 bits into ``dst`` (uint32); returns # non-finite."""
     sh = np.uint32((4 - src.itemsize) * 8)
+    s = src[lo : lo + m]  # index a slice from 0: no negative-index wraparound check, so it vectorizes
     bad = 0
     for i in range(m):
-        u = np.uint32(src[lo + i]) << sh
+        u = np.uint32(s[i]) << sh
         dst[i] = u
         bad += (u & EXP) == EXP
     return bad
@@ -73,17 +74,18 @@ def _round16(u, m):
 def _store(u, m, out, lo):
     """float32 bits u[:m] into ``out`` (uint16: rounded to bfloat16; uint32: as is); # non-finite."""
     bad = 0
+    o = out[lo : lo + m]
     if out.itemsize == 2:
         _round16(u, m)
         for i in range(m):
             x = u[i]
             bad += (x & EXP) == EXP
-            out[lo + i] = x >> np.uint32(16)
+            o[i] = x >> np.uint32(16)
     else:
         for i in range(m):
             x = u[i]
             bad += (x & EXP) == EXP
-            out[lo + i] = x
+            o[i] = x
     return bad
 
 
@@ -135,7 +137,7 @@ def linear_kernel(K, x0, x1, x2, x3, x4, x5, x6, x7, w, normalize, denom, out, l
         if normalize:
             for i in range(m):
                 acc[i] = acc[i] / denom
-        _rnd(acc.view(np.uint32), m, x0.itemsize == 2)  # the result in the compute dtype
+        _rnd(acc.view(np.uint32), m, x0.itemsize == 2 and out.itemsize == 4)  # in the compute dtype first
         bad[K] += _store(acc.view(np.uint32), m, out, c0)
     return bad
 
@@ -204,14 +206,13 @@ def gta_kernel(b, K, x0, x1, x2, x3, x4, x5, x6, x7, w, sparsify, thr, cut, k1, 
             _rnd(u, m, half)
             if sparsify == SP_MAGNITUDE and thr[j] >= 0:
                 t = np.uint32(thr[j] << 16) if half else np.uint32(thr[j])
+                cj = cut[j] - c0  # entries equal to t are kept before this chunk offset
                 for i in range(m):
                     key = u[i] & kmask
-                    if not (key > t or (key == t and c0 + i < cut[j])):
-                        u[i] = 0
+                    u[i] = u[i] if (key > t) | ((key == t) & (i < cj)) else np.uint32(0)
             elif sparsify == SP_RANDOM:
                 for i in range(m):
-                    if not _dare_keep(c0 + i, k1[j], k2[j], dthr[j]):
-                        u[i] = 0
+                    u[i] = u[i] if _dare_keep(c0 + i, k1[j], k2[j], dthr[j]) else np.uint32(0)
             if not np.isnan(smul[j]):
                 for i in range(m):
                     f[i] = f[i] * smul[j]
@@ -240,11 +241,8 @@ def gta_kernel(b, K, x0, x1, x2, x3, x4, x5, x6, x7, w, sparsify, thr, cut, k1, 
                 wj = w[j]
                 for i in range(m):
                     p = D[j, i] * sgn[i]
-                    if p > 0:
-                        acc[i] = acc[i] + p
-                        dv[i] = dv[i] + wj
-                    else:
-                        acc[i] = acc[i] + np.float32(0.0)
+                    acc[i] = acc[i] + (p if p > 0 else np.float32(0.0))
+                    dv[i] = dv[i] + (wj if p > 0 else np.float32(0.0))
             _rnd(ua, m, half)
             for i in range(m):
                 acc[i] = acc[i] * sgn[i]
@@ -270,7 +268,7 @@ def gta_kernel(b, K, x0, x1, x2, x3, x4, x5, x6, x7, w, sparsify, thr, cut, k1, 
             _rnd(ua, m, half)
         for i in range(m):
             acc[i] = acc[i] + fb[i]
-        _rnd(ua, m, half)
+        _rnd(ua, m, half and out.itemsize == 4)  # (a bfloat16 output is rounded by _store)
         bad[K + 1] += _store(ua, m, out, c0)
     return bad
 
@@ -401,7 +399,7 @@ def delta_l1(b, K, x0, x1, x2, x3, x4, x5, x6, x7, sparsify, thr, cut, k1, k2, d
                 for r in range(4):
                     a = abs(np.float64(f[i + r]))
                     sb[r] += a
-                    sa[r] += a * keep[i + r]
+                    sa[r] += a * keep[i + r]  # i + r ≥ 0: range from 0
             for i in range(m4, m):
                 a = abs(np.float64(f[i]))
                 sb[0] += a
@@ -428,6 +426,6 @@ def lerp_kernel(a, b, ca, cb, out, lo, hi):
         bad[1] += _load(b, c0, m, ub)
         for i in range(m):
             fa[i] = ca * fa[i] + cb * fb[i]
-        _rnd(ua, m, a.itemsize == 2)  # the result in the compute dtype
+        _rnd(ua, m, a.itemsize == 2 and out.itemsize == 4)  # in the compute dtype first
         bad[2] += _store(ua, m, out, c0)
     return bad
