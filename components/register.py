@@ -55,6 +55,8 @@ def register_model(
         gate_passed=passed,
         pipeline_run=pipeline_run,
         tracking_uri=tracking_uri,
+        # published by the merge step: the version points there (no second copy in MLflow)
+        source_uri=merged.metadata.get("uri") or None,
     )
     if alias and alias != registry.PILOT and passed:
         registry.set_alias(registered_model_name, alias, version, tracking_uri=tracking_uri)

@@ -371,17 +371,24 @@ def register_model(
     *,
     pipeline_run: str | None = None,
     tracking_uri: str | None = None,
+    source_uri: str | None = None,
 ) -> str:
     """Register the merged checkpoint as a new version of ``name``; set ``pilot`` if the gate passed.
 
     A local directory is logged as artifacts of ``run_id`` (a new run when None) under ``model/``
-    and the version's source points there; an ``s3://`` URI is used as the source as it is. The
-    model is never loaded. Returns the version number (a string, as MLflow reports it).
+    and the version's source points there; an ``s3://`` URI is used as the source as it is. With
+    ``source_uri`` (where a local ``model_dir`` was already published), the manifest is read from
+    ``model_dir`` and the version points at ``source_uri``: no second copy in MLflow's artifacts.
+    The model is never loaded. Returns the version number (a string, as MLflow reports it).
     """
     uri = resolve_tracking_uri(tracking_uri)
     c = client(uri)
     manifest = read_manifest(model_dir)
-    if str(model_dir).startswith("s3://"):
+    if source_uri:
+        if not str(model_dir).startswith("s3://") and not Path(model_dir).is_dir():
+            raise RegistryError(f"{model_dir}: no such model directory")
+        source = source_uri
+    elif str(model_dir).startswith("s3://"):
         source = str(model_dir)
     else:
         md = Path(model_dir)

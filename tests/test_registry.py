@@ -301,3 +301,17 @@ def test_register_a_published_s3_checkpoint_as_is(tmp_path, uri, name, s3_server
     assert mv.source == f"s3://seme-models/{name}/v1"  # no copy: the version points at the published prefix
     assert mv.tags["seme.method"] == "ties" and len(json.loads(mv.tags["seme.sources"])) == 2
     assert aliases(name) == {PILOT: v}
+
+
+def test_register_a_local_checkpoint_by_its_published_uri(tmp_path, uri, name):
+    """The pipeline's case: the manifest is read locally, the version points at the published
+    prefix, and nothing is uploaded to MLflow's artifact store."""
+    model = merged_dir(tmp_path / "m")
+    v = register_model(model, name, gate_passed=False, source_uri=f"s3://seme-models/{name}/run-7")
+    mv = client(uri).get_model_version(name, v)
+    assert mv.source == f"s3://seme-models/{name}/run-7"
+    assert mv.tags["seme.method"] == "ties" and mv.tags["seme.gate"] == "failed"
+    assert aliases(name) == {}
+    run_id = mv.run_id
+    if run_id:
+        assert not [a for a in client(uri).list_artifacts(run_id) if a.path.startswith("model")]
