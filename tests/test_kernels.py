@@ -182,3 +182,25 @@ def test_more_sources_than_the_kernels_take_use_the_torch_path(tmp_path, monkeyp
     ins = [load_file(str(x / "model.safetensors")) for x in d]
     n = "model.layers.0.mlp.up_proj.weight"
     torch.testing.assert_close(out[n], sum(t[n] for t in ins) / len(ins), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["linear", "task_arithmetic", "ties", "dare_ties", "slerp"])
+@pytest.mark.parametrize("dtype,od", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)])
+def test_output_dtype_other_than_the_compute_dtype(name, dtype, od):
+    """out_dtype ≠ dtype: the kernels round as the executor's ``.to(out_dtype)`` does."""
+    case = next(c for c in CASES if c[0] == name)
+    base, fts = _inputs(dtype, (33, 515), coarse=False)
+    ref, _out, _bad = _call(*case, base, fts)
+    spec = methods.get(name)
+    _n, gp, w, d = case
+    params = {**spec.global_params, **gp}
+    if name == "linear":
+        b, ts, mp = None, fts, [{"weight": x} for x in w]
+    elif name == "slerp":
+        b, ts, mp = base, [base, fts[0]], [{}, {}]
+    else:
+        b, ts = base, [base, *fts]
+        mp = [{"weight": 1.0, "density": 1.0}] + [{"weight": x, "density": y or 1.0} for x, y in zip(w, d or [None] * 3)]
+    out, _bad = fused.get(name)(b, ts, mp, params, torch.Generator().manual_seed(7), od)
+    assert out.dtype == od
+    assert torch.equal(out.view(torch.uint8), ref.to(od).view(torch.uint8))
