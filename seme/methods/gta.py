@@ -400,19 +400,30 @@ def _trim_stats(t: torch.Tensor, b: torch.Tensor, dens: float, rescale: str | No
                 st["cut"] = int(ties[k - n_gt])
         st["thr"] = thr
     if rescale == "l1":
-        before = torch.zeros((), dtype=torch.float64, device=b.device)
-        after = torch.zeros((), dtype=torch.float64, device=b.device)
-        for lo in _blocks(n):
-            d = _delta_block(t, b, lo, lo + _PASS1_ELEMS)
-            before += d.abs().sum(dtype=torch.float64)
-            if st["thr"] is not None:
-                key = _abs_key(d, itype) if itype is not None else d.abs()
-                d.masked_fill_(_keep_mask(key, st["thr"], st["cut"], lo).logical_not_(), 0)
-            after += d.abs().sum(dtype=torch.float64)
-        before, after = before.to(b.dtype), after.to(b.dtype)
-        if not (before < _EPS or after < _EPS):
-            st["factor"] = before / after
+
+        def keep(d: torch.Tensor, lo: int) -> torch.Tensor | None:
+            if st["thr"] is None:
+                return None
+            return _keep_mask(_abs_key(d, itype) if itype is not None else d.abs(), st["thr"], st["cut"], lo)
+
+        st["factor"] = _l1_factor(t, b, keep)
     return st
+
+
+def _l1_factor(t: torch.Tensor, b: torch.Tensor, keep) -> torch.Tensor | None:
+    """L1 rescaling's factor ‖δ‖₁ / ‖δ after the drop‖₁ for the flat δ = t − b, block by block;
+    ``keep(δ_block, lo)`` gives the block's keep mask (None: all kept). None when a norm is ~0."""
+    before = torch.zeros((), dtype=torch.float64, device=b.device)
+    after = torch.zeros((), dtype=torch.float64, device=b.device)
+    for lo in _blocks(b.numel()):
+        d = _delta_block(t, b, lo, lo + _PASS1_ELEMS)
+        before += d.abs().sum(dtype=torch.float64)
+        mask = keep(d, lo)
+        if mask is not None:
+            d.masked_fill_(mask.logical_not_(), 0)
+        after += d.abs().sum(dtype=torch.float64)
+    before, after = before.to(b.dtype), after.to(b.dtype)
+    return None if (before < _EPS or after < _EPS) else before / after
 
 
 def _dare_stats(t: torch.Tensor, b: torch.Tensor, dens: float, rescale: str | None, key: tuple[int, int]) -> dict:
@@ -422,16 +433,7 @@ def _dare_stats(t: torch.Tensor, b: torch.Tensor, dens: float, rescale: str | No
     st: dict = {"thr": None, "cut": n, "factor": None, "div": dens if rescale == "exact" else None,
                 "dare": (key, dens)}
     if rescale == "l1":
-        before = torch.zeros((), dtype=torch.float64, device=b.device)
-        after = torch.zeros((), dtype=torch.float64, device=b.device)
-        for lo in _blocks(n):
-            d = _delta_block(t, b, lo, lo + _PASS1_ELEMS)
-            before += d.abs().sum(dtype=torch.float64)
-            d.masked_fill_(dare_keep(key, dens, lo, lo + d.numel(), d.device).logical_not_(), 0)
-            after += d.abs().sum(dtype=torch.float64)
-        before, after = before.to(b.dtype), after.to(b.dtype)
-        if not (before < _EPS or after < _EPS):
-            st["factor"] = before / after
+        st["factor"] = _l1_factor(t, b, lambda d, lo: dare_keep(key, dens, lo, lo + d.numel(), d.device))
     return st
 
 
