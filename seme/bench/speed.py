@@ -272,6 +272,17 @@ def help_time(seme_bin: str, n: int = 5) -> float:
     return statistics.median(times)
 
 
+def import_floor(n: int = 5) -> float:
+    """Median wall time of ``python -c "import torch"`` with this interpreter: the fixed cost any
+    torch-based merge tool pays before reading a byte (part of every seme and mergekit run)."""
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import torch"], capture_output=True, check=True)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 # ------------------------------------------------------------------------------------------------
 # The protocol
 # ------------------------------------------------------------------------------------------------
@@ -494,6 +505,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"safetensors {v['safetensors']}, transformers {v['transformers']}, Python {env['python']}"),
         (f"- load average (1/5/15 min) at start: {', '.join(f'{x:.2f}' for x in env['loadavg_start'])}; "
         f"at end: {', '.join(f'{x:.2f}' for x in result['loadavg_end'])}"),
+        (f"- `python -c 'import torch'`: {result['import_torch_s']:.2f} s (median of 5): the fixed cost of "
+         "both tools before the first byte is read" if result.get("import_torch_s") else "- import floor: n/a"),
         f"- `seme --help`: {result['help_s']:.3f} s (median of 5); code: "
         + (f"commit {env['git']['commit']}" + (f", uncommitted changes in {', '.join(env['git']['dirty'])}"
                                                  if env["git"]["dirty"] else "") if env.get("git") else "n/a"),
@@ -650,6 +663,7 @@ def main(argv: list[str]) -> int:
 
     result: dict[str, Any] = {"environment": environment(bins), "device": args.device}
     result["help_s"] = help_time(bins["seme"])
+    result["import_torch_s"] = import_floor()
     result["scales"] = [bench_scale(s, args, bins, log) for s in scales]
     result["loadavg_end"] = os.getloadavg()
     write_reports(result, out)
