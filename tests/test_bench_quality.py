@@ -117,3 +117,23 @@ def test_shared_seme_alignment_gives_the_inline_merge(tiny_zoo: Path, tmp_path: 
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
     assert _shared_alignment([v for v in grid if v.method != "seme"], tiny_zoo / "base", experts, "float32",
                              tmp_path, "cpu") == (None, {})
+
+
+def test_mean_norm_uses_tasks_the_experts_really_learned() -> None:
+    """A task whose expert's 95% CI overlaps the base's does not enter the mean normalized score."""
+    from seme.bench.quality import summarize
+    from seme.evaluation.runner import wilson_ci
+
+    def row(label, kind, a, f, task=None):
+        return {"label": label, "kind": kind, "family": kind, "status": "ok", "expert_task": task,
+                "metrics": {"tasks": {"a": {"value": a / 40, "ci95": wilson_ci(a, 40)},
+                                      "f": {"value": f / 40, "ci95": wilson_ci(f, 40)}},
+                            "general": {"prose": {"value": 10.0}}}}
+
+    # expert a: 2/40 vs base 0/40 (CIs overlap); expert f: 24/40 vs 0/40
+    rows = [row("base", "base", 0, 0), row("ea", "expert", 2, 0, "a"), row("ef", "expert", 0, 24, "f"),
+            row("m", "merged", 3, 12)]
+    s = summarize(rows, ["a", "f"])
+    assert s["informative_tasks"] == ["f"]
+    assert rows[3]["norm"]["a"] == pytest.approx(1.5) and rows[3]["mean_norm"] == pytest.approx(0.5)
+    assert rows[3]["mean_norm_all"] == pytest.approx(1.0)

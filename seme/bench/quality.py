@@ -207,6 +207,7 @@ def summarize(rows: list[dict[str, Any]], tasks: list[str]) -> dict[str, Any]:
     experts = {r["expert_task"]: r for r in rows if r["kind"] == "expert"}
     base = next(r for r in rows if r["kind"] == "base")
     base_ppl = base["metrics"]["general"]["prose"]["value"]
+    informative = informative_tasks(experts, base, tasks)
     for r in rows:
         if r.get("status") != "ok":
             continue
@@ -216,6 +217,8 @@ def summarize(rows: list[dict[str, Any]], tasks: list[str]) -> dict[str, Any]:
             ev = experts[t]["metrics"]["tasks"][t]["value"] if t in experts else None
             r["norm"][t] = (m["tasks"][t]["value"] / ev) if ev else None
         vals = [v for v in r["norm"].values() if v is not None]
+        r["mean_norm_all"] = sum(vals) / len(vals) if vals else None
+        vals = [r["norm"][t] for t in informative if r["norm"][t] is not None]
         r["mean_norm"] = sum(vals) / len(vals) if vals else None
         r["ppl"] = m["general"]["prose"]["value"]
         r["ppl_ratio"] = r["ppl"] / base_ppl
@@ -242,7 +245,25 @@ def summarize(rows: list[dict[str, Any]], tasks: list[str]) -> dict[str, Any]:
             if r["ppl_ratio"] <= thr and (r["family"] not in per or r["mean_norm"] > per[r["family"]]["mean_norm"]):
                 per[r["family"]] = {"label": r["label"], "mean_norm": r["mean_norm"], "ppl_ratio": r["ppl_ratio"]}
         matched[str(thr)] = per
-    return {"base_ppl": base_ppl, "winners": winners, "pareto": pareto, "matched_ppl": matched}
+    return {"base_ppl": base_ppl, "winners": winners, "pareto": pareto, "matched_ppl": matched,
+            "informative_tasks": informative}
+
+
+def informative_tasks(experts: dict[str, Any], base: dict[str, Any], tasks: list[str]) -> list[str]:
+    """Tasks whose expert is clearly better than the base (95% CIs disjoint): the mean normalized
+    score uses only these, so a task the expert did not really learn (a ratio of a few items, or
+    of the base's own ability) does not decide the ranking. All tasks with an expert if none is."""
+    out = []
+    for t in tasks:
+        if t not in experts:
+            continue
+        e, b = experts[t]["metrics"]["tasks"][t], base["metrics"]["tasks"][t]
+        if "ci95" in e and "ci95" in b:
+            if e["ci95"][0] > b["ci95"][1]:
+                out.append(t)
+        elif e["value"] > b["value"]:
+            out.append(t)
+    return out or [t for t in tasks if t in experts]
 
 
 def _fmt(v: Any, nd: int = 3) -> str:
@@ -271,8 +292,11 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
               "shared by the SeMe variants (their merge s exclude it)")]
             if (al := report.get("seme_alignment") or {}).get("wall_s") and not al.get("error") else []),
           ("- normalized = merged score / the task's expert score; ppl = perplexity on held-out pydoc prose "
-          f"(base {s['base_ppl']:.2f})"), ""]
-    head = ["model", "kind"] + [f"{t} raw (norm)" for t in tasks] + ["mean norm", "prose ppl", "ppl/base"]
+          f"(base {s['base_ppl']:.2f})"),
+          ("- \\* mean norm = mean normalized score over the tasks whose expert is clearly better than the base "
+           f"(95% CIs disjoint): {', '.join(s.get('informative_tasks', tasks))}; the Pareto front and the "
+           "matched-perplexity table use it"), ""]
+    head = ["model", "kind"] + [f"{t} raw (norm)" for t in tasks] + ["mean norm*", "prose ppl", "ppl/base"]
     has_instr = any("instruction" in (r.get("metrics") or {}).get("general", {}) for r in report["rows"])
     if has_instr:
         head.append("instruction")
