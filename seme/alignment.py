@@ -549,24 +549,31 @@ def _hungarian(cost: torch.Tensor, identity_frac: float) -> tuple[torch.Tensor |
     return (None if frac >= identity_frac else perm), frac
 
 
-def _unit_features(reads: torch.Tensor, W: torch.Tensor, F: torch.Tensor, weighted: bool) -> torch.Tensor:
+def _unit_features(reads: list[torch.Tensor], W: torch.Tensor, F: torch.Tensor, weighted: bool) -> torch.Tensor:
     """Per unit (rows): [write block, unit F-norm | read vector, unit norm], so that one GEMM of two
     feature matrices gives cos_F(writes) + cos(reads) for all unit pairs.
 
-    reads: (G, r); W: (d, G, m) write columns per unit (a view of the d × G·m write matrix).
-    ``weighted`` multiplies the write part by F (one side of ⟨a, F b⟩; F is symmetric).
+    reads: row blocks (G, r_i) whose concatenation is each unit's read vector; W: (d, G, m) write
+    columns per unit (a view of the d × G·m write matrix). ``weighted`` multiplies the write part by F
+    (one side of ⟨a, F b⟩; F is symmetric). Written into one buffer: no concatenated copies.
     """
     d, G, m = W.shape
     W2 = W.reshape(d, G * m)
     FW = F @ W2
     nw = (W2 * FW).reshape(d, G, m).sum(dim=(0, 2)).clamp_min(1e-30).sqrt()
     wf = (FW if weighted else W2).reshape(d, G, m).permute(1, 0, 2).reshape(G, d * m)
-    rf = reads / reads.norm(dim=1, keepdim=True).clamp_min(1e-30)
-    return torch.cat([wf / nw[:, None], rf], dim=1)
+    out = torch.empty(G, d * m + sum(r.shape[1] for r in reads), dtype=W.dtype, device=W.device)
+    torch.div(wf, nw[:, None], out=out[:, : d * m])
+    nr = sum((r * r).sum(dim=1) for r in reads).sqrt().clamp_min(1e-30)[:, None]
+    off = d * m
+    for r in reads:
+        torch.div(r, nr, out=out[:, off : off + r.shape[1]])
+        off += r.shape[1]
+    return out
 
 
-def _mlp_vectors(view: ModelView, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(read rows per neuron (I × k·d), write columns as (d, I, 1)) for one layer's MLP."""
+def _mlp_vectors(view: ModelView, layer: int) -> tuple[list[torch.Tensor], torch.Tensor] | None:
+    """(read row blocks per neuron ([I × d] per read unit), write columns as (d, I, 1)) for one MLP."""
     lay = view.layout
     reads = []
     for unit, parts in _MLP_READ.items():
@@ -580,11 +587,11 @@ def _mlp_vectors(view: ModelView, layer: int) -> tuple[torch.Tensor, torch.Tenso
     if not reads or down is None:
         return None
     U = view.get(down)  # d × I
-    return torch.cat(reads, dim=1), U.unsqueeze(2)
+    return reads, U.unsqueeze(2)
 
 
-def _attn_vectors(view: ModelView, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(read rows per KV group flattened (G × ·), write blocks (d, G, r·hd)) for one layer's attention."""
+def _attn_vectors(view: ModelView, layer: int) -> tuple[list[torch.Tensor], torch.Tensor] | None:
+    """(read blocks per KV group flattened ([G × ·] per unit), write blocks (d, G, r·hd)) for attention."""
     lay, arch = view.layout, view.arch
     G = arch.num_kv_heads
     reads = []
@@ -604,7 +611,7 @@ def _attn_vectors(view: ModelView, layer: int) -> tuple[torch.Tensor, torch.Tens
     if not reads or o is None:
         return None
     O = view.get(o)  # d × (nh·hd): KV group g owns columns [g·r·hd, (g+1)·r·hd)
-    return torch.cat(reads, dim=1), O.reshape(O.shape[0], G, -1)
+    return reads, O.reshape(O.shape[0], G, -1)
 
 
 def match_layer(anchor: ModelView, model: ModelView, layer: int, F: torch.Tensor,

@@ -8,6 +8,9 @@ for SmolLM2-135M's shape: align ≤ 60 s, full merge (alignment inline + Erase o
     nice python tests/benchmarks/bench_seme.py --out /tmp/bench_seme [--device cuda] [--shape qwen2.5-1.5b]
 
 Writes ``bench_seme.json`` and ``bench_seme.md`` into --out. Not part of the test suite.
+``SEME_KERNELS=off`` measures Erase's torch path instead of the fused numba kernel (same output). On a
+shared machine set ``OMP_WAIT_POLICY=PASSIVE`` for both A and B or for neither: libgomp's idle threads
+otherwise spin after every parallel op, which roughly doubled align's CPU seconds under load ≈ 5.
 """
 
 from __future__ import annotations
@@ -122,6 +125,7 @@ def main() -> None:
     from seme.alignment import align
     from seme.config import load_config
     from seme.merge import run_merge
+    from seme.seme_merge import _ties_kernel
 
     out = Path(args.out).absolute()
     work = out / f"models-{args.shape}"
@@ -157,6 +161,10 @@ def main() -> None:
         "merge_breakdown_s": {k: round(v, 2) for k, v in seme["merge_timings"].items()},
         "rotation": meta["rotation"],
         "peak_rss_mb": round(res.peak_rss_bytes / 1e6),
+        # Erase after its GEMM: the fused numba kernel, or the torch ops (SEME_KERNELS=off / no numba)
+        "erase_kernel": "numba" if args.device == "cpu" and _ties_kernel() is not None else "torch",
+        # libgomp's idle threads spin by default; PASSIVE makes them sleep (matters on a shared machine)
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
         "targets": {"align_s": 60, "merge_total_s": 300} if args.shape == "smollm2-135m" else {},
     }
     (out / "bench_seme.json").write_text(json.dumps(report, indent=2))
@@ -172,7 +180,8 @@ def main() -> None:
         "",
         (f"CPU seconds: align {report['align_cpu_s']}, merge {report['merge_cpu_s']}; load average at the "
          f"end {report['load_average'][0]:.1f}. Peak RSS {report['peak_rss_mb']} MB. "
-         f"Rotation: {meta['rotation']['reason']}."),
+         f"Rotation: {meta['rotation']['reason']}. Erase kernel: {report['erase_kernel']}; "
+         f"OMP_WAIT_POLICY: {report['omp_wait_policy']}."),
         "",
         "CPU seconds per phase (process-wide): align "
         + ", ".join(f"{k.removesuffix('_cpu_s')} {v}" for k, v in report["align_breakdown_s"].items()
