@@ -180,14 +180,15 @@ def erase_ties_rows(X: torch.Tensor, S_T: torch.Tensor, P: torch.Tensor, density
     count_dtype = torch.uint8 if K < 256 else torch.int32
     bmax = min(block, max(n, 1))
     opts = {"dtype": X.dtype, "device": X.device}
-    buf = torch.empty(K * bmax * T, **opts)
-    mbuf = torch.empty(K * bmax * T, dtype=torch.bool, device=X.device)
-    sbuf, kbuf = torch.empty(bmax * T, **opts), torch.empty(bmax * T, **opts)
-    cbuf = torch.empty(bmax * T, dtype=count_dtype, device=X.device)
+    buf, kbuf = torch.empty(K * bmax * T, **opts), torch.empty(bmax * T, **opts)
     kernel = _ties_kernel() if X.device.type == "cpu" and X.dtype == torch.float32 else None
-    if trim and kernel is None:
-        abuf = torch.empty(K * bmax * T, **opts)
-        pbuf = torch.empty(K * bmax * T, dtype=X.dtype) if X.device.type == "cpu" else None
+    if kernel is None:  # the torch path's buffers
+        mbuf = torch.empty(K * bmax * T, dtype=torch.bool, device=X.device)
+        sbuf = torch.empty(bmax * T, **opts)
+        cbuf = torch.empty(bmax * T, dtype=count_dtype, device=X.device)
+        if trim:
+            abuf = torch.empty(K * bmax * T, **opts)
+            pbuf = torch.empty(K * bmax * T, dtype=X.dtype) if X.device.type == "cpu" else None
     for lo in range(0, n, block):
         hi = min(lo + block, n)
         b = hi - lo
