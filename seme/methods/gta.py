@@ -120,6 +120,7 @@ def magnitude_(delta: torch.Tensor, dens: float, rescale: str | None) -> torch.T
 
 
 _M32 = 0xFFFFFFFF
+_HASH_PIECE = 1 << 16
 
 
 def dare_keys(rng: torch.Generator, k: int) -> list[tuple[int, int]]:
@@ -149,15 +150,19 @@ def dare_keep(key: tuple[int, int], dens: float, lo: int, hi: int, device: torch
     masked on its own, in any order, with the same result as the whole tensor; the CPU kernels
     (``seme.kernels``) compute the same mask. P(keep) = density.
     """
-    i = torch.arange(lo, hi, dtype=torch.int64, device=device)
-    tmp = torch.empty_like(i)
-    h = torch.bitwise_and(i, _M32).bitwise_xor_(key[0])
-    _fmix32_(h, tmp)
-    torch.bitwise_right_shift(i, 32, out=tmp)
-    h.bitwise_xor_(tmp).bitwise_xor_(key[1])
-    del i
-    _fmix32_(h, tmp)
-    return h < dare_threshold(dens)
+    out = torch.empty(hi - lo, dtype=torch.bool, device=device)
+    thr = dare_threshold(dens)
+    for a in range(lo, hi, _HASH_PIECE):  # int64 scratch of 512 KiB: below the heap's mmap threshold
+        b = min(hi, a + _HASH_PIECE)
+        i = torch.arange(a, b, dtype=torch.int64, device=device)
+        tmp = torch.empty_like(i)
+        h = torch.bitwise_and(i, _M32).bitwise_xor_(key[0])
+        _fmix32_(h, tmp)
+        torch.bitwise_right_shift(i, 32, out=tmp)
+        h.bitwise_xor_(tmp).bitwise_xor_(key[1])
+        _fmix32_(h, tmp)
+        torch.lt(h, thr, out=out[a - lo : b - lo])
+    return out
 
 
 def dare_(delta: torch.Tensor, dens: float, rescale: str | None, key: tuple[int, int]) -> torch.Tensor:
