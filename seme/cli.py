@@ -10,9 +10,15 @@ import argparse
 import gc
 import importlib
 import logging
+import os
 import sys
 
 from seme import __version__
+
+# torch's OpenMP workers otherwise spin after every parallel region; on a busy 2-core machine that
+# spinning took CPU from everything else (SeMe's align cost 2-3x more CPU). Must precede any torch
+# import; a value set by the user wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 COMMAND_MODULES = (
     "merge",
