@@ -272,7 +272,7 @@ def run_merge(
                 ck.release(name)
 
     written = 0
-    outputs = _OutputPool(max((_numel(s) * d.itemsize for _, s, d in plan), default=0))
+    outputs = _OutputPool(max((math.prod(s) * d.itemsize for _, s, d in plan), default=0))
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         writer = CheckpointWriter(tmp, plan, cfg.shard_bytes())
         try:
@@ -282,6 +282,7 @@ def run_merge(
                 nxt: Future | None = None if seme_merger else pool.submit(load, plan[0][0], plan[0][2])
                 pending: Future | None = None
                 for i, (name, _shape, od) in enumerate(plan):
+                    kernel_checked = False  # the fused kernel counted the output's NaN/Inf
                     if seme_merger is not None:
                         merged = seme_merger.merge_tensor(name)
                     else:
@@ -302,6 +303,7 @@ def run_merge(
                                 merged, bad = fused(b, ts, mp, gp, rng, od, out=outputs.take(ts[0].shape, od),
                                                     release=partial(_release_entries, inputs, name))
                                 _raise_non_finite(name, bad, base, sources)
+                                kernel_checked = True
                             elif spec.name in ELEMENTWISE and big:
                                 merged = _merge_rows(spec.fn, b, ts, mp, gp, rng, od, name, inputs)
                             elif state is not None:  # two-pass method: statistics, then row blocks
@@ -312,7 +314,7 @@ def run_merge(
                             del state
                         del b, ts
                     merged = merged.to(dtype=od)
-                    if not (fused is not None and merged.dtype in FUSED_DTYPES):  # else: checked by the kernel
+                    if not kernel_checked:
                         check_finite(name, merged, "merge result")
                     if pending is not None:  # at most one write in flight: bounded memory
                         pending.result()
@@ -408,14 +410,10 @@ class _OutputPool:
             self.bufs.append(mm)
         buf = self.bufs[self.i % 2]
         self.i += 1
-        n = _numel(shape)
+        n = math.prod(shape)
         if n == 0:
             return torch.empty(shape, dtype=dtype)
         return torch.frombuffer(buf, dtype=dtype, count=n).view(shape)
-
-
-def _numel(shape) -> int:
-    return math.prod(shape)
 
 
 def _release_entries(inputs: list[Checkpoint], name: str, lo: int, hi: int) -> None:

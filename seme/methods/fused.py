@@ -23,7 +23,6 @@ from seme.methods import gta
 from seme.methods._params import as_bool, as_float, non_base
 from seme.methods.slerp import slerp_coefficients
 
-SUPPORTED = (torch.bfloat16, torch.float32)
 MAXK = K.MAXK  # sources per kernel call
 _BITS = {torch.bfloat16: (torch.int16, np.uint16), torch.float32: (torch.int32, np.uint32)}
 _pool: ThreadPoolExecutor | None = None
@@ -165,7 +164,7 @@ def gta_method(b, ts, mp, gp, rng, od, release=None, out=None, *, method: str, s
     if ndiv.abs() < 1e-8:
         ndiv = torch.ones((), dtype=dt)
     out, o = _out(b.shape, od, out)
-    tot = _total(run(K.gta_kernel, n, bb, *_pack([ts[i] for i in idx]), w.float().numpy(), sp, thr, cut, k1,
+    tot = _total(run(K.gta_kernel, n, bb, *_pack(xs, raw=True), w.float().numpy(), sp, thr, cut, k1,
                      k2, dthr, smul, sdiv, consensus, normalize, np.float32(float(ndiv)), np.float32(lam), o,
                      release=release))
     src = [0] * len(ts)
