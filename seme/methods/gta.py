@@ -460,15 +460,14 @@ def ties_prepare(
         if rng is None:
             raise ValueError(f"{method}: a torch.Generator is required for DARE masks")
         keys = dare_keys(rng, len(idx))
-        trims = [
-            None if dens[j] >= 1.0 or base.numel() == 0 else _dare_stats(tensors[i], base, dens[j], rescale, keys[j])
-            for j, i in enumerate(idx)
-        ]
+
+        def stats(t: torch.Tensor, j: int) -> dict:
+            return _dare_stats(t, base, dens[j], rescale, keys[j])
     else:
-        trims = [
-            None if dens[j] >= 1.0 or base.numel() == 0 else _trim_stats(tensors[i], base, dens[j], rescale)
-            for j, i in enumerate(idx)
-        ]
+
+        def stats(t: torch.Tensor, j: int) -> dict:
+            return _trim_stats(t, base, dens[j], rescale)
+    trims = [None if dens[j] >= 1.0 or base.numel() == 0 else stats(tensors[i], j) for j, i in enumerate(idx)]
     return {"idx": idx, "normalize": normalize, "lam": lam, "weights": weights, "trims": trims,
             "consensus": method != "dare_linear"}
 
