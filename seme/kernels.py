@@ -117,6 +117,17 @@ def _rnd(u, m, half):
         _round16(u, m)
 
 
+@njit(inline="always", **_opts)
+def _delta(x, c0, m, fb, u, f, half):
+    """δ = x[c0:c0+m] − b (``fb``: the base chunk, float32) into ``f`` (bits in ``u``), rounded to
+    the compute dtype as torch's subtraction is; returns # non-finite entries of x."""
+    bad = _load(x, c0, m, u)
+    for i in range(m):
+        f[i] = f[i] - fb[i]
+    _rnd(u, m, half)
+    return bad
+
+
 @njit(**{**_opts, "fastmath": {"contract"}})
 def linear_kernel(K, x0, x1, x2, x3, x4, x5, x6, x7, w, normalize, denom, out, lo, hi):
     """θ[lo:hi] = Σ w_k x_k (÷ denom): float32 fused multiply-adds, one rounding at the end.
@@ -200,10 +211,7 @@ def gta_kernel(b, K, x0, x1, x2, x3, x4, x5, x6, x7, w, sparsify, thr, cut, k1, 
         m = min(CH, hi - c0)
         bad[0] += _load(b, c0, m, ub)
         for j in range(K):
-            bad[1 + j] += _load(_pick(j, x0, x1, x2, x3, x4, x5, x6, x7), c0, m, u)
-            for i in range(m):
-                f[i] = f[i] - fb[i]
-            _rnd(u, m, half)
+            bad[1 + j] += _delta(_pick(j, x0, x1, x2, x3, x4, x5, x6, x7), c0, m, fb, u, f, half)
             if sparsify == SP_MAGNITUDE and thr[j] >= 0:
                 t = np.uint32(thr[j] << 16) if half else np.uint32(thr[j])
                 cj = cut[j] - c0  # entries equal to t are kept before this chunk offset
@@ -294,10 +302,7 @@ def delta_key_hist(b, K, x0, x1, x2, x3, x4, x5, x6, x7, lo, hi):
         m = min(CH, hi - c0)
         _load(b, c0, m, ub)
         for j in range(K):
-            _load(_pick(j, x0, x1, x2, x3, x4, x5, x6, x7), c0, m, u)
-            for i in range(m):
-                f[i] = f[i] - fb[i]
-            _rnd(u, m, half)
+            _delta(_pick(j, x0, x1, x2, x3, x4, x5, x6, x7), c0, m, fb, u, f, half)
             for i in range(m):
                 u[i] = (u[i] & np.uint32(0x7FFFFFFF)) >> np.uint32(16)
             h = hist4[j]
@@ -351,10 +356,7 @@ def delta_nth_equal(t, b, thr16, need, lo, hi):
     for c0 in range(lo, hi, CH):
         m = min(CH, hi - c0)
         _load(b, c0, m, ub)
-        _load(t, c0, m, u)
-        for i in range(m):
-            f[i] = f[i] - fb[i]
-        _round16(u, m)
+        _delta(t, c0, m, fb, u, f, True)
         for i in range(m):
             if ((u[i] & np.uint32(0x7FFFFFFF)) >> np.uint32(16)) == thr16:
                 if need == 0:
@@ -383,10 +385,7 @@ def delta_l1(b, K, x0, x1, x2, x3, x4, x5, x6, x7, sparsify, thr, cut, k1, k2, d
         for c0 in range(lo, hi, CH):
             m = min(CH, hi - c0)
             _load(b, c0, m, ub)
-            _load(x, c0, m, u)
-            for i in range(m):
-                f[i] = f[i] - fb[i]
-            _rnd(u, m, half)
+            _delta(x, c0, m, fb, u, f, half)
             if sparsify == SP_MAGNITUDE:
                 for i in range(m):
                     key = u[i] & kmask
