@@ -25,12 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors import safe_open
+import numpy as np
 
 from seme.architectures import Architecture, resolve
 from seme.errors import CheckpointError
 from seme.fsutil import sha256_file
+from seme.lazy import torch
 
 SAFE_INDEX = "model.safetensors.index.json"
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -45,35 +45,101 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
 )
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
+#: config dtype name -> safetensors dtype code
+DTYPE_CODES: dict[str, str] = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
+DTYPES = tuple(DTYPE_CODES)
+#: bytes per entry of every safetensors dtype
+ITEMSIZE: dict[str, int] = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "F64": 8, "I64": 8, "U64": 8,
 }
-_ST_DTYPE = {
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.float64: "F64",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
+FLOAT_CODES = frozenset({"F16", "BF16", "F32", "F64", "F8_E5M2", "F8_E4M3"})
+#: numpy dtype holding a code's raw bits (what ``Checkpoint.array`` returns; bfloat16 as uint16)
+_RAW = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+_TORCH_NAMES = {
+    "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
+    "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
 }
-_ST_TO_TORCH = {v: k for k, v in _ST_DTYPE.items()}
 
 
-def parse_dtype(name: str | None) -> torch.dtype | None:
-    """``"bfloat16"`` -> ``torch.bfloat16``; None stays None."""
+def torch_dtype(code: str):
+    """The torch dtype of a safetensors code (imports torch); float32 for codes torch lacks."""
+    return getattr(torch, _TORCH_NAMES.get(code, "float32"))
+
+
+def dtype_code(dtype) -> str:
+    """The safetensors code of a torch dtype, or ``dtype`` itself when it is already a code."""
+    if isinstance(dtype, str):
+        if dtype not in ITEMSIZE:
+            raise CheckpointError(f"unknown safetensors dtype {dtype!r}")
+        return dtype
+    name = str(dtype).replace("torch.", "")
+    for code, tname in _TORCH_NAMES.items():
+        if tname == name:
+            return code
+    raise CheckpointError(f"dtype {dtype} cannot be stored in safetensors")
+
+
+def parse_dtype_code(name: str | None) -> str | None:
+    """``"bfloat16"`` -> ``"BF16"`` (no torch); None stays None."""
     if name is None:
         return None
     try:
-        return DTYPES[str(name).replace("torch.", "")]
+        return DTYPE_CODES[str(name).replace("torch.", "")]
     except KeyError:
         raise CheckpointError(f"unknown dtype {name!r}; valid: {', '.join(DTYPES)}") from None
+
+
+def parse_dtype(name: str | None):
+    """``"bfloat16"`` -> ``torch.bfloat16``; None stays None."""
+    code = parse_dtype_code(name)
+    return None if code is None else torch_dtype(code)
+
+
+def _read_header(fh, path: Path) -> tuple[dict[str, Any], int, int]:
+    """A safetensors file's header, checked as the safetensors library checks it: a JSON object of
+    known dtypes and shapes whose byte ranges tile the data section exactly. Returns (header, data
+    start, file size); any defect raises CheckpointError naming the file."""
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{path}: corrupt or truncated safetensors file ({why})")
+
+    size = os.fstat(fh.fileno()).st_size
+    head = fh.read(8)
+    if len(head) < 8:
+        raise bad("shorter than its 8-byte header length")
+    n = struct.unpack("<Q", head)[0]
+    if n > min(size - 8, 100 << 20):
+        raise bad(f"header length {n} exceeds the file size {size}")
+    try:
+        header = json.loads(fh.read(n))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise bad(f"header is not valid JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    spans = []
+    for name, v in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            code, shape, (b, e) = v["dtype"], v["shape"], v["data_offsets"]
+            ok = code in ITEMSIZE and all(isinstance(d, int) and d >= 0 for d in shape) \
+                and isinstance(b, int) and isinstance(e, int)
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise bad(f"invalid entry for tensor {name}")
+        if e - b != _numel(shape) * ITEMSIZE[code] or b < 0:
+            raise bad(f"tensor {name}: data_offsets {[b, e]} do not match shape {shape} {code}")
+        spans.append((b, e, name))
+    spans.sort()
+    pos = 0
+    for b, e, name in spans:
+        if b != pos:
+            raise bad(f"tensor {name}: data_offsets leave a gap or overlap at byte {pos}")
+        pos = e
+    if 8 + n + pos != size:
+        raise bad(f"tensor data ends at byte {8 + n + pos}, the file has {size} bytes")
+    return header, 8 + n, size
 
 
 class _MappedFile:
@@ -85,11 +151,9 @@ class _MappedFile:
 
     def __init__(self, path: Path) -> None:
         with open(path, "rb") as fh:
-            n = struct.unpack("<Q", fh.read(8))[0]
-            header = json.loads(fh.read(n))
-            size = os.fstat(fh.fileno()).st_size
-            self.mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + n else None
-        start = 8 + n
+            header, start, size = _read_header(fh, path)
+            self.mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) if size > start else None
+        self.header = header
         self.ranges: dict[str, tuple[int, int]] = {
             k: (start + v["data_offsets"][0], start + v["data_offsets"][1])
             for k, v in header.items()
@@ -179,15 +243,13 @@ class Checkpoint:
 
     def _scan(self, f: Path) -> None:
         try:
-            h = safe_open(str(f), framework="pt")
-            for name in h.keys():  # noqa: SIM118 - a safe_open handle, not a dict
-                sl = h.get_slice(name)
-                self._meta[name] = (sl.get_dtype(), tuple(sl.get_shape()))
+            mapped = _MappedFile(f)  # checks the header and the offsets
+        except OSError as e:
+            raise CheckpointError(f"{f}: cannot read safetensors file ({e.strerror or e})") from None
+        for name, v in mapped.header.items():
+            if name != "__metadata__":
+                self._meta[name] = (v["dtype"], tuple(v["shape"]))
                 self._where[name] = f
-            mapped = _MappedFile(f)  # safe_open has validated the header and the offsets
-        except Exception as e:  # noqa: BLE001 - safetensors raises SafetensorError/OSError/ValueError
-            raise CheckpointError(f"{f}: corrupt or truncated safetensors file ({e})") from None
-        self._handles[f] = h
         self._maps[f] = mapped
 
     def _load_pickles(self, files: list[Path]) -> list[Path]:
@@ -200,7 +262,7 @@ class Checkpoint:
             for name, t in sd.items():
                 self._pickle[name] = t
                 self._where[name] = f
-                self._meta[name] = (_ST_DTYPE.get(t.dtype, str(t.dtype)), tuple(t.shape))
+                self._meta[name] = (dtype_code(t.dtype), tuple(t.shape))
         return files
 
     # -- access ----------------------------------------------------------------------------------
@@ -217,14 +279,15 @@ class Checkpoint:
         return self._meta[self._check(name)][1]
 
     def dtype(self, name: str) -> torch.dtype:
-        code = self._meta[self._check(name)][0]
-        return _ST_TO_TORCH.get(code, torch.float32)
+        """The torch dtype of ``name`` (imports torch; ``st_dtype`` does not)."""
+        return torch_dtype(self.st_dtype(name))
+
+    def st_dtype(self, name: str) -> str:
+        """The safetensors dtype code of ``name`` (``"BF16"``, ``"F32"`` …)."""
+        return self._meta[self._check(name)][0]
 
     def nbytes(self, name: str) -> int:
-        n = 1
-        for s in self.shape(name):
-            n *= s
-        return n * self.dtype(name).itemsize
+        return _numel(self.shape(name)) * ITEMSIZE.get(self.st_dtype(name), 4)
 
     def _check(self, name: str) -> str:
         if name not in self._where:
@@ -241,6 +304,10 @@ class Checkpoint:
             return self._pickle[name]
         f = self._where[name]
         try:
+            if f not in self._handles:
+                from safetensors import safe_open  # the copying reader (imports torch)
+
+                self._handles[f] = safe_open(str(f), framework="pt")
             return self._handles[f].get_tensor(name)
         except Exception as e:  # noqa: BLE001 - any read failure becomes one clear error
             raise CheckpointError(f"{f}: cannot read tensor {name} ({e})") from None
@@ -250,7 +317,8 @@ class Checkpoint:
         self._check(name)
         f = self._where[name]
         mapped = self._maps.get(f)
-        dtype = _ST_TO_TORCH.get(self._meta[name][0])
+        code = self._meta[name][0]
+        dtype = torch_dtype(code) if code in _TORCH_NAMES else None
         if mapped is None or mapped.mm is None or dtype is None:
             return self.get(name)  # pickle, or a dtype torch cannot view: the copying path
         begin, end = mapped.ranges[name]
@@ -258,6 +326,22 @@ class Checkpoint:
             return self.get(name)
         t = torch.frombuffer(mapped.mm, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=begin)
         return t.view(self._meta[name][1])
+
+    def array(self, name: str) -> np.ndarray | None:
+        """The raw bits of ``name`` as a flat numpy array over the memory map, without a copy and
+        without torch: unsigned integers of the dtype's width (bfloat16 as uint16, float32 as
+        uint32). None for pickle checkpoints and misaligned tensors (use ``view``)."""
+        self._check(name)
+        mapped = self._maps.get(self._where[name])
+        if mapped is None or name not in mapped.ranges:
+            return None
+        begin, end = mapped.ranges[name]
+        size = ITEMSIZE[self._meta[name][0]]
+        if end == begin:
+            return np.empty(0, _RAW[size])
+        if mapped.mm is None or begin % size:
+            return None
+        return np.frombuffer(mapped.mm, dtype=_RAW[size], count=(end - begin) // size, offset=begin)
 
     def release(self, name: str, rows: tuple[int, int] | None = None) -> None:
         """Give the pages of ``name`` (or of its rows ``[r0, r1)``) back to the OS; views stay valid.
@@ -280,7 +364,7 @@ class Checkpoint:
         if mapped is None or name not in mapped.ranges:
             return
         begin, end = mapped.ranges[name]
-        size = _ST_TO_TORCH.get(self._meta[name][0], torch.uint8).itemsize
+        size = ITEMSIZE.get(self._meta[name][0], 1)
         mapped.release(begin + lo * size, min(end, begin + hi * size))
 
     def prefetch(self, name: str) -> None:
@@ -343,7 +427,8 @@ class _Slot:
 class CheckpointWriter:
     """Stream tensors into safetensors shards whose layout is planned up front.
 
-    ``plan`` is an ordered list of ``(name, shape, dtype)``. Tensors are assigned to shards of at
+    ``plan`` is an ordered list of ``(name, shape, dtype)`` (a torch dtype or a safetensors code such
+    as ``"BF16"``). Tensors are assigned to shards of at
     most ``max_shard_bytes`` (a tensor larger than that gets its own shard). Each shard file is
     created with its header and the full size; ``write(name, tensor)`` puts the bytes at their
     offset. One shard gives ``model.safetensors``; several give ``model-0000i-of-0000N.safetensors``
@@ -358,11 +443,11 @@ class CheckpointWriter:
         max_shard_bytes: int = 2 * 1024**3,
     ) -> None:
         self.out_dir = Path(out_dir)
-        self.plan = list(plan)
-        groups: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
+        self.plan = [(name, tuple(shape), dtype_code(dtype)) for name, shape, dtype in plan]
+        groups: list[list[tuple[str, tuple[int, ...], str]]] = [[]]
         size = 0
         for item in self.plan:
-            nb = _numel(item[1]) * item[2].itemsize
+            nb = _numel(item[1]) * ITEMSIZE[item[2]]
             if groups[-1] and size + nb > max_shard_bytes:
                 groups.append([])
                 size = 0
@@ -377,13 +462,13 @@ class CheckpointWriter:
         self.slots: dict[str, _Slot] = {}
         self._files = []
         self._hashes: list[Any] = []  # per shard: [sha256 object | None, next data offset, data size]
-        self._expected: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        self._expected: dict[str, tuple[tuple[int, ...], str]] = {}
         for i, group in enumerate(groups):
             header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
             off = 0
             for name, shape, dtype in group:
-                nb = _numel(shape) * dtype.itemsize
-                header[name] = {"dtype": _ST_DTYPE[dtype], "shape": list(shape), "data_offsets": [off, off + nb]}
+                nb = _numel(shape) * ITEMSIZE[dtype]
+                header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [off, off + nb]}
                 self._expected[name] = (tuple(shape), dtype)
                 self.slots[name] = _Slot(i, off, off + nb)
                 off += nb
@@ -399,15 +484,24 @@ class CheckpointWriter:
             self._hashes.append([hashlib.sha256(struct.pack("<Q", len(raw)) + raw), 0, off])
         self._written: set[str] = set()
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor | np.ndarray) -> None:
+        """Write one planned tensor: a torch tensor, or a numpy array of its raw bits (any shape,
+        e.g. flat uint16 for bfloat16) whose byte size matches the plan."""
         shape, dtype = self._expected[name]
-        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
-            raise CheckpointError(
-                f"internal: tensor {name} is {tuple(tensor.shape)} {tensor.dtype}, planned {shape} {dtype}"
-            )
         slot = self.slots[name]
+        if isinstance(tensor, np.ndarray):
+            ok = tensor.nbytes == slot.end - slot.begin
+            got = f"{tensor.nbytes} bytes"
+        else:
+            ok = tuple(tensor.shape) == shape and dtype_code(tensor.dtype) == dtype
+            got = f"{tuple(tensor.shape)} {tensor.dtype}"
+        if not ok:
+            raise CheckpointError(f"internal: tensor {name} is {got}, planned {shape} {dtype}")
         fh, base = self._files[slot.shard]
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        if isinstance(tensor, np.ndarray):
+            data = np.ascontiguousarray(tensor).reshape(-1).view(np.uint8)
+        else:
+            data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         fh.seek(base + slot.begin)
         fh.write(memoryview(data))
         hs = self._hashes[slot.shard]
@@ -434,7 +528,7 @@ class CheckpointWriter:
         if missing:
             raise CheckpointError(f"internal: tensor {missing[0]} was planned but never written")
         if len(self.filenames) > 1:
-            total = sum(_numel(s) * d.itemsize for _, s, d in self.plan)
+            total = sum(_numel(s) * ITEMSIZE[d] for _, s, d in self.plan)
             index = {
                 "metadata": {"total_size": total},
                 "weight_map": {n: self.filenames[self.slots[n].shard] for n, _, _ in self.plan},

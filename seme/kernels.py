@@ -9,7 +9,8 @@ runs in the compute dtype is done in float32 and rounded to that dtype at the sa
 bit (``tests/test_kernels.py`` checks this on random tensors for every method and dtype; SLERP's
 two coefficients come from the reference's own sums).
 
-Data travel as raw bits: bfloat16 as uint16, float32 as uint32 (the kernels read ``itemsize``). The
+Data travel as raw bits: bfloat16 as uint16, float32 as uint32 (the kernels read ``itemsize``; a
+``half`` argument says whether the compute dtype is bfloat16). The
 kernels also count non-finite entries of every input and of the output, so the executor needs no
 separate NaN/Inf pass. Kernels compile on first use and are cached on disk
 (``$NUMBA_CACHE_DIR``, default ``~/.cache/seme/numba``).
@@ -18,6 +19,7 @@ separate NaN/Inf pass. Kernels compile on first use and are cached on disk
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -42,6 +44,26 @@ def _cache_dir() -> str:
 os.environ["NUMBA_CACHE_DIR"] = _cache_dir()
 
 from numba import njit  # after NUMBA_CACHE_DIR is set
+
+
+def _skip_blas_probe() -> None:
+    """Keep numba from importing scipy.linalg (0.2 s) to find BLAS the first time it types a call.
+
+    numba probes once, when ``numba.np.arraymath`` is first imported, by importing
+    ``scipy.linalg.cython_blas``. No kernel of seme uses BLAS (np.dot, np.linalg), so when nothing
+    has imported scipy.linalg yet, that one import is made to fail and numba records that it has no
+    BLAS; scipy itself is untouched and imports normally afterwards.
+    """
+    if "numba.np.arraymath" in sys.modules or "scipy.linalg" in sys.modules:
+        return
+    sys.modules["scipy.linalg.cython_blas"] = None  # type: ignore[assignment]  # ImportError on import
+    try:
+        import numba.np.arraymath  # noqa: F401
+    finally:
+        del sys.modules["scipy.linalg.cython_blas"]
+
+
+_skip_blas_probe()
 
 CH = 4096  # entries per chunk: a few float32 scratch rows stay in the L1/L2 cache
 EXP = np.uint32(0x7F800000)
@@ -129,10 +151,12 @@ def _delta(x, c0, m, fb, u, f, half):
 
 
 @njit(**{**_opts, "fastmath": {"contract"}})
-def linear_kernel(K, x0, x1, x2, x3, x4, x5, x6, x7, w, normalize, denom, out, lo, hi):
+def linear_kernel(K, x0, x1, x2, x3, x4, x5, x6, x7, w, normalize, denom, half, out, lo, hi):
     """θ[lo:hi] = Σ w_k x_k (÷ denom): float32 fused multiply-adds, one rounding at the end.
 
-    Returns the number of non-finite entries of each input and of the output (K + 1 counts)."""
+    ``half``: the compute dtype is bfloat16 (the inputs may be bfloat16 under a float32 compute
+    dtype: widening is exact). Returns the number of non-finite entries of each input and of the
+    output (K + 1 counts)."""
     bad = np.zeros(K + 1, np.int64)
     acc = np.empty(CH, np.float32)
     u = np.empty(CH, np.uint32)
@@ -148,7 +172,7 @@ def linear_kernel(K, x0, x1, x2, x3, x4, x5, x6, x7, w, normalize, denom, out, l
         if normalize:
             for i in range(m):
                 acc[i] = acc[i] / denom
-        _rnd(acc.view(np.uint32), m, x0.itemsize == 2 and out.itemsize == 4)  # in the compute dtype first
+        _rnd(acc.view(np.uint32), m, half and out.itemsize == 4)  # in the compute dtype first
         bad[K] += _store(acc.view(np.uint32), m, out, c0)
     return bad
 
@@ -187,16 +211,16 @@ SP_NONE, SP_MAGNITUDE, SP_RANDOM = 0, 1, 2
 
 @njit(**_opts)
 def gta_kernel(b, K, x0, x1, x2, x3, x4, x5, x6, x7, w, sparsify, thr, cut, k1, k2, dthr, smul, sdiv, consensus, normalize,
-               ndiv, lam, out, lo, hi):
+               ndiv, lam, half, out, lo, hi):
     """Pass 2 of the GTA recipe on flat entries [lo, hi) of one tensor, op for op as
-    ``seme.methods.gta`` (each op rounded to the compute dtype = the inputs' dtype).
+    ``seme.methods.gta`` (each op rounded to the compute dtype: bfloat16 when ``half``, else float32;
+    bfloat16 inputs under a float32 compute dtype are widened exactly).
 
     Per source j: ``thr[j]``/``cut[j]`` (magnitude: keep key > thr, or key == thr before flat index
     cut; thr < 0: no trim), ``k1/k2/dthr`` (random: the DARE hash mask), ``smul[j]``/``sdiv[j]``
     (rescale factor / divisor; NaN: none), ``w[j]`` the weight in the compute dtype. ``ndiv``: the
     normalize divisor without consensus. Returns non-finite counts: base, each source, output.
     """
-    half = b.itemsize == 2
     kmask = np.uint32(0x7FFF0000) if half else np.uint32(0x7FFFFFFF)
     bad = np.zeros(K + 2, np.int64)
     ub = np.empty(CH, np.uint32)
@@ -285,14 +309,13 @@ def gta_kernel(b, K, x0, x1, x2, x3, x4, x5, x6, x7, w, sparsify, thr, cut, k1, 
 
 
 @njit(**_opts)
-def delta_key_hist(b, K, x0, x1, x2, x3, x4, x5, x6, x7, lo, hi):
+def delta_key_hist(b, K, x0, x1, x2, x3, x4, x5, x6, x7, half, lo, hi):
     """Per task vector δ_j = x_j − b (rounded to the dtype), a histogram (2¹⁵ buckets) of the top
     15 magnitude bits over flat entries [lo, hi): exact keys for bfloat16, buckets of 2¹⁶ keys for
     float32. Reads the base once for all K.
 
     Four interleaved sub-histograms each: task-vector magnitudes crowd into few buckets, and
-    back-to-back increments of one counter would wait on each other."""
-    half = b.itemsize == 2
+    back-to-back increments of one counter would wait on each other. ``half``: bfloat16 compute."""
     hist4 = np.zeros((K, 4, 1 << 15), np.int32)
     ub = np.empty(CH, np.uint32)
     fb = ub.view(np.float32)
@@ -366,10 +389,9 @@ def delta_nth_equal(t, b, thr16, need, lo, hi):
 
 
 @njit(**_opts)
-def delta_l1(b, K, x0, x1, x2, x3, x4, x5, x6, x7, sparsify, thr, cut, k1, k2, dthr, lo, hi):
+def delta_l1(b, K, x0, x1, x2, x3, x4, x5, x6, x7, sparsify, thr, cut, k1, k2, dthr, half, lo, hi):
     """Per task vector j: (Σ|δ_j|, Σ|δ_j after its trim or drop|) over [lo, hi), float64 (four
     partial sums each, so the additions do not wait on one another): L1 rescaling's two norms."""
-    half = b.itemsize == 2
     kmask = np.uint32(0x7FFF0000) if half else np.uint32(0x7FFFFFFF)
     out = np.zeros((K, 2), np.float64)
     ub = np.empty(CH, np.uint32)

@@ -26,17 +26,22 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
+
+from seme.lazy import torch
 
 from seme import __version__, methods
 from seme.checkpoint import (
+    FLOAT_CODES,
+    ITEMSIZE,
     Checkpoint,
     CheckpointWriter,
     check_finite,
     copy_side_files,
     file_records,
     open_checkpoint,
-    parse_dtype,
+    parse_dtype_code,
+    torch_dtype,
 )
 from seme.config import MergeConfig, ParamResolver
 from seme.errors import CheckpointError, ConfigError
@@ -49,8 +54,14 @@ HASH_CACHE_ENV = "SEME_HASH_CACHE"  # directory of cached input digests; "off" d
 #: arithmetic 2.4x faster than whole 32 MiB tensors (bf16, one thread), with bit-identical results.
 ELEMENTWISE = frozenset({"linear", "task_arithmetic"})
 CHUNK_BYTES = 256 << 10
-KERNELS_ENV = "SEME_KERNELS"  # "off": never use the fused CPU kernels (seme.methods.fused)
-FUSED_DTYPES = (torch.bfloat16, torch.float32)
+#: "off": never use the fused CPU kernels (seme.methods.fused); "torch": use them only on torch
+#: tensors (not the torch-free path); unset: wherever they apply
+KERNELS_ENV = "SEME_KERNELS"
+FUSED_CODES = ("BF16", "F32")  # compute and output dtypes the fused kernels take
+_RAW_BITS = {2: np.uint16, 4: np.uint32}
+#: methods the torch-free path can run (``seme.methods.fused.BIT_METHODS``, named here so that
+#: deciding needs no numba import)
+BIT_METHODS = frozenset({"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear"})
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +80,12 @@ class MergeResult:
 def tensor_seed(seed: int, name: str) -> int:
     """Per-tensor RNG seed from (seed, tensor name): independent of order and threads."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def _no_gpu_here() -> bool:
+    """True when this machine has no NVIDIA device nodes, so ``--device auto`` means the CPU
+    without importing torch to ask."""
+    return not (os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/nvidia0"))
 
 
 def resolve_device(device: str) -> torch.device:
@@ -221,39 +238,44 @@ def run_merge(
     t0 = time.perf_counter()
     limit_heap_retention()
     spec = methods.get(cfg.merge_method)
-    dev = resolve_device(device)
-    compute_dtype = parse_dtype(cfg.dtype)
+    compute_code = parse_dtype_code(cfg.dtype)
+    out_code = parse_dtype_code(cfg.out_dtype)
+    if spec.name != "seme" and alignment is not None:
+        raise ConfigError("--alignment is only used with merge_method: seme")
     sources, base = open_inputs(cfg, allow_pickle=allow_pickle)
     anchor = base or sources[0]
     arch = anchor.architecture
-    out_dtype = parse_dtype(cfg.out_dtype)
+    plan = []
+    for n in anchor.names:
+        src = anchor.st_dtype(n)
+        plan.append((n, anchor.shape(n), (out_code or src) if src in FLOAT_CODES else src))
+    bit_path = _bits_path(spec.name, device, compute_code, plan, sources, base)
+    dev = "cpu" if bit_path else resolve_device(device)
     uris = ([(cfg.base_model, base)] if base else []) + [(m.model, s) for m, s in zip(cfg.models, sources)]
     hasher = _InputHasher(uris)
 
     seme_merger = None
+    compute_dtype = None
     if spec.name == "seme":
         from seme.seme_merge import SemeMerger  # heavy: only for SeMe
 
         seme_merger = SemeMerger.prepare(
             cfg, sources, base, Path(alignment) if alignment else None, str(dev)
         )
-    elif alignment is not None:
-        raise ConfigError("--alignment is only used with merge_method: seme")
 
-    plan = []
-    for n in anchor.names:
-        src_dtype = anchor.dtype(n)
-        od = (out_dtype or src_dtype) if src_dtype.is_floating_point else src_dtype
-        plan.append((n, anchor.shape(n), od))
     resolver = ParamResolver(cfg, spec.global_params, spec.model_params)
 
     inputs = list({id(c): c for c in ([base] if base else []) + sources}.values())
-    fused = None if seme_merger is not None else fused_method(spec.name, dev, compute_dtype, len(sources))
+    fused = None
+    if not bit_path:
+        compute_dtype = torch_dtype(compute_code)
+        if seme_merger is None:
+            fused = fused_method(spec.name, dev, compute_code, len(sources))
 
-    def load(name: str, od: torch.dtype) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    def load(name: str, odc: str) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         def one(ck: Checkpoint) -> torch.Tensor:
             t = ck.view(name)  # zero-copy; methods never modify their inputs
-            if fused is not None and t.dtype in FUSED_DTYPES and od in FUSED_DTYPES:
+            if fused is not None and t.dtype in (torch.bfloat16, torch.float32) and odc in FUSED_CODES:
                 ck.prefetch(name)  # the kernel checks for NaN/Inf as it reads
             else:
                 check_finite(name, t, str(ck.file_of(name)))  # reads every page: warms the page cache
@@ -265,61 +287,101 @@ def run_merge(
         b = one(base) if base is not None else None
         return b, [b if (base is not None and s is base) else one(s) for s in sources]
 
-    def store(name: str, merged: torch.Tensor) -> None:
+    nxt: Future | None = None  # the prefetch thread's load of the next tensor (torch path)
+
+    def torch_tensor(i: int, name: str, odc: str) -> torch.Tensor:
+        """Tensor ``i`` of the plan, merged by the torch methods (or SeMe, or the fused kernels on
+        torch tensors), in the output dtype and checked for NaN/Inf."""
+        nonlocal nxt
+        od = torch_dtype(odc)
+        kernel_checked = False  # the fused kernel counted the output's NaN/Inf
+        if seme_merger is not None:
+            merged = seme_merger.merge_tensor(name)
+        else:
+            b, ts = nxt.result()
+            nxt = prefetch.submit(load, plan[i + 1][0], plan[i + 1][2]) if i + 1 < len(plan) else None
+            if not ts[0].is_floating_point():  # integer buffers: keep the anchor's
+                merged = (b if b is not None else ts[0])
+            else:
+                t = arch.t_of(name)
+                gp = resolver.global_params(name, t)
+                mp = [resolver.model_params(k, name, t) for k in range(len(sources))]
+                rng = torch.Generator(device=dev).manual_seed(tensor_seed(cfg.seed, name))
+                big = _nbytes(ts[0]) > CHUNK_BYTES and ts[0].dim() > 1
+                use_fused = fused is not None and ts[0].dtype in (torch.bfloat16, torch.float32) and odc in FUSED_CODES
+                state = (spec.prepare(b, ts, mp, gp, rng)
+                         if big and spec.fn_block and not use_fused else None)
+                if use_fused:
+                    merged, bad = fused(b, ts, mp, gp, rng, od, out=outputs.take(ts[0].shape, od),
+                                        release=partial(_release_entries, inputs, name))
+                    _raise_non_finite(name, bad, base, sources)
+                    kernel_checked = True
+                elif spec.name in ELEMENTWISE and big:
+                    merged = _merge_rows(spec.fn, b, ts, mp, gp, rng, od, name, inputs)
+                elif state is not None:  # two-pass method: statistics, then row blocks
+                    merged = _merge_rows(spec.fn, b, ts, mp, gp, rng, od, name, inputs,
+                                         block=partial(spec.fn_block, state))
+                else:
+                    merged = spec.fn(b, ts, mp, gp, rng)
+                del state
+            del b, ts
+        merged = merged.to(dtype=od)
+        if not kernel_checked:
+            check_finite(name, merged, "merge result")
+        return merged
+
+    def bits_tensor(i: int, name: str, odc: str) -> np.ndarray:
+        """Tensor ``i`` of the plan, merged by the fused kernels straight from the memory-mapped
+        files (no torch): the output's raw bits, checked for NaN/Inf by the kernel."""
+        if i + 1 < len(plan):
+            for ck in inputs:  # asynchronous read-ahead of the next tensor
+                ck.prefetch(plan[i + 1][0])
+        arrays = {id(ck): ck.array(name) for ck in inputs}
+        if anchor.st_dtype(name) not in FLOAT_CODES:  # integer buffers: keep the anchor's
+            return arrays[id(anchor)]
+        t = arch.t_of(name)
+        gp = resolver.global_params(name, t)
+        mp = [resolver.model_params(k, name, t) for k in range(len(sources))]
+        o = outputs.take_bits(math.prod(anchor.shape(name)), odc)
+        xs = [arrays[id(s)] for s in sources]
+        release = partial(_release_entries, inputs, name)
+        if spec.name == "linear":
+            bad = kernels.linear_bits(xs, compute_code == "BF16", mp, gp, o, release)
+        else:
+            if base is None:
+                raise ConfigError(f"{spec.name} needs a base_model")
+            idx = [k for k, s in enumerate(sources) if s is not base]
+            bad = kernels.gta_bits(arrays[id(base)], xs, idx, compute_code == "BF16", mp, gp,
+                                   tensor_seed(cfg.seed, name), o, release, method=spec.name,
+                                   **kernels.BIT_METHODS[spec.name])
+        _raise_non_finite(name, bad, base, sources)
+        return o
+
+    def store(name: str, merged: torch.Tensor | np.ndarray) -> None:
         writer.write(name, merged)
         if seme_merger is None:
             for ck in inputs:  # done with this tensor: its input pages leave our RSS
                 ck.release(name)
 
+    kernels = _fused_module() if bit_path else None
+    produce = bits_tensor if bit_path else torch_tensor
     written = 0
-    outputs = _OutputPool(max((math.prod(s) * d.itemsize for _, s, d in plan), default=0))
+    outputs = _OutputPool(max((math.prod(s) * ITEMSIZE[d] for _, s, d in plan), default=0))
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         writer = CheckpointWriter(tmp, plan, cfg.shard_bytes())
         try:
             bar = _progress(len(plan), progress)
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="seme-prefetch") as pool, \
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="seme-prefetch") as prefetch, \
                     ThreadPoolExecutor(max_workers=1, thread_name_prefix="seme-write") as wpool:
-                nxt: Future | None = None if seme_merger else pool.submit(load, plan[0][0], plan[0][2])
+                if seme_merger is None and not bit_path:
+                    nxt = prefetch.submit(load, plan[0][0], plan[0][2])
                 pending: Future | None = None
-                for i, (name, _shape, od) in enumerate(plan):
-                    kernel_checked = False  # the fused kernel counted the output's NaN/Inf
-                    if seme_merger is not None:
-                        merged = seme_merger.merge_tensor(name)
-                    else:
-                        b, ts = nxt.result()
-                        nxt = pool.submit(load, plan[i + 1][0], plan[i + 1][2]) if i + 1 < len(plan) else None
-                        if not ts[0].is_floating_point():  # integer buffers: keep the anchor's
-                            merged = (b if b is not None else ts[0])
-                        else:
-                            t = arch.t_of(name)
-                            gp = resolver.global_params(name, t)
-                            mp = [resolver.model_params(k, name, t) for k in range(len(sources))]
-                            rng = torch.Generator(device=dev).manual_seed(tensor_seed(cfg.seed, name))
-                            big = _nbytes(ts[0]) > CHUNK_BYTES and ts[0].dim() > 1
-                            use_fused = fused is not None and ts[0].dtype in FUSED_DTYPES and od in FUSED_DTYPES
-                            state = (spec.prepare(b, ts, mp, gp, rng)
-                                     if big and spec.fn_block and not use_fused else None)
-                            if use_fused:
-                                merged, bad = fused(b, ts, mp, gp, rng, od, out=outputs.take(ts[0].shape, od),
-                                                    release=partial(_release_entries, inputs, name))
-                                _raise_non_finite(name, bad, base, sources)
-                                kernel_checked = True
-                            elif spec.name in ELEMENTWISE and big:
-                                merged = _merge_rows(spec.fn, b, ts, mp, gp, rng, od, name, inputs)
-                            elif state is not None:  # two-pass method: statistics, then row blocks
-                                merged = _merge_rows(spec.fn, b, ts, mp, gp, rng, od, name, inputs,
-                                                     block=partial(spec.fn_block, state))
-                            else:
-                                merged = spec.fn(b, ts, mp, gp, rng)
-                            del state
-                        del b, ts
-                    merged = merged.to(dtype=od)
-                    if not kernel_checked:
-                        check_finite(name, merged, "merge result")
+                for i, (name, _shape, odc) in enumerate(plan):
+                    merged = produce(i, name, odc)
                     if pending is not None:  # at most one write in flight: bounded memory
                         pending.result()
                     pending = wpool.submit(store, name, merged)
-                    written += merged.numel() * merged.element_size()
+                    written += _nbytes(merged)
                     del merged
                     bar.update(1)
                 if pending is not None:
@@ -331,7 +393,7 @@ def run_merge(
             raise
         tok_src = _tokenizer_source(cfg, sources, base)
         out_config = dict(anchor.config)
-        if out_dtype is not None:
+        if out_code is not None:
             out_config["torch_dtype"] = cfg.out_dtype
             out_config.pop("dtype", None)
         side = copy_side_files(tok_src.path, tmp, config=out_config)
@@ -354,8 +416,9 @@ def run_merge(
             "out_dtype": cfg.out_dtype or "as input",
             "architecture": arch.family,
             "device": str(dev),
+            "engine": "seme" if seme_merger else "kernels, torch-free" if bit_path else "kernels" if fused else "torch",
             "host": platform.node(),
-            "torch_version": torch.__version__,
+            "torch_version": _torch_version(),
             "wall_seconds": round(seconds, 3),
             "peak_rss_bytes": peak_rss_bytes(),
             "tensors": len(plan),
@@ -371,20 +434,72 @@ def run_merge(
     return MergeResult(Path(out_dir), manifest, seconds, manifest["peak_rss_bytes"], len(plan), written, extra)
 
 
-def fused_method(name: str, dev: torch.device, compute_dtype: torch.dtype | None, n_sources: int):
-    """The fused CPU kernel version of method ``name`` (``seme.methods.fused``), when it applies:
-    on the CPU, for a bfloat16/float32 compute dtype, at most ``fused.MAXK`` sources, unless
-    ``SEME_KERNELS=off``; else None."""
-    if dev.type != "cpu" or compute_dtype not in FUSED_DTYPES:
-        return None
-    if os.environ.get(KERNELS_ENV, "").lower() in ("off", "0", "false", "no"):
-        return None
+def _kernels_off() -> bool:
+    return os.environ.get(KERNELS_ENV, "").lower() in ("off", "0", "false", "no")
+
+
+def _fused_module():
+    """``seme.methods.fused`` (numba), or None when it cannot be loaded."""
     try:
         from seme.methods import fused
     except Exception as e:  # noqa: BLE001 - numba missing or unusable: the torch implementations still work
         log.warning("fused CPU kernels unavailable (%s); using the torch implementations", e)
         return None
-    return fused.get(name) if n_sources <= fused.MAXK else None
+    return fused
+
+
+def fused_method(name: str, dev: torch.device, compute_code: str | None, n_sources: int):
+    """The fused CPU kernel version of method ``name`` (``seme.methods.fused``), when it applies:
+    on the CPU, for a bfloat16/float32 compute dtype, at most ``fused.MAXK`` sources, unless
+    ``SEME_KERNELS=off``; else None."""
+    if dev.type != "cpu" or compute_code not in FUSED_CODES or _kernels_off():
+        return None
+    fused = _fused_module()
+    return fused.get(name) if fused is not None and n_sources <= fused.MAXK else None
+
+
+def _bits_path(method: str, device: str, compute_code: str | None, plan: list, sources: list[Checkpoint],
+               base: Checkpoint | None) -> bool:
+    """Whether this merge runs on the fused kernels straight from the memory-mapped files, without
+    torch (``import torch`` alone costs more than a 135M-parameter merge): a classic method the
+    kernels implement bit for bit (not SLERP, whose coefficients are torch's sums), on the CPU,
+    every floating-point tensor of every input in the compute dtype (bfloat16 or float32) or in
+    bfloat16 under a float32 compute dtype,
+    a bfloat16/float32 output, at most ``fused.MAXK`` sources, safetensors inputs, and not
+    ``SEME_KERNELS=off``. Otherwise the torch executor runs, with the same results."""
+    if method not in BIT_METHODS or device not in ("cpu", "auto") or (device == "auto" and not _no_gpu_here()):
+        return False
+    if compute_code not in FUSED_CODES or _kernels_off() or os.environ.get(KERNELS_ENV, "").lower() == "torch":
+        return False
+    inputs = list({id(c): c for c in ([base] if base else []) + sources}.values())
+    if method != "linear" and base is not None and all(s is base for s in sources):
+        return False  # nothing but the base to merge: the torch path handles that corner
+    for name, _shape, odc in plan:
+        if inputs[0].st_dtype(name) not in FLOAT_CODES:
+            continue
+        if odc not in FUSED_CODES:
+            return False
+        codes = {ck.st_dtype(name) for ck in inputs}  # one dtype (one kernel type) per tensor;
+        if codes not in ({compute_code}, {"BF16"}):  # bfloat16 widens to float32 exactly, nothing else converts
+            return False
+        if any(ck.array(name) is None for ck in inputs):
+            return False
+    fused = _fused_module()
+    return fused is not None and len(sources) <= fused.MAXK
+
+
+def _torch_version() -> str | None:
+    """torch's version, without importing it when this process has not."""
+    import sys
+
+    if "torch" in sys.modules:
+        return str(torch.__version__)
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("torch")
+    except PackageNotFoundError:  # pragma: no cover - torch is a dependency
+        return None
 
 
 class _OutputPool:
@@ -400,7 +515,7 @@ class _OutputPool:
         self.bufs: list[mmap.mmap] = []
         self.i = 0
 
-    def take(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    def _next(self) -> mmap.mmap:
         if len(self.bufs) < 2:
             mm = mmap.mmap(-1, self.nbytes)
             try:
@@ -410,10 +525,18 @@ class _OutputPool:
             self.bufs.append(mm)
         buf = self.bufs[self.i % 2]
         self.i += 1
+        return buf
+
+    def take(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        buf = self._next()
         n = math.prod(shape)
         if n == 0:
             return torch.empty(shape, dtype=dtype)
         return torch.frombuffer(buf, dtype=dtype, count=n).view(shape)
+
+    def take_bits(self, n: int, code: str) -> np.ndarray:
+        """A flat array of ``n`` raw entries of the safetensors dtype ``code`` (uint16 for BF16)."""
+        return np.frombuffer(self._next(), dtype=_RAW_BITS[ITEMSIZE[code]], count=n)
 
 
 def _release_entries(inputs: list[Checkpoint], name: str, lo: int, hi: int) -> None:
@@ -434,8 +557,8 @@ def _raise_non_finite(name: str, bad: dict, base: Checkpoint | None, sources: li
         raise CheckpointError(f"merge result: tensor {name} contains NaN or Inf values")
 
 
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
+def _nbytes(t: torch.Tensor | np.ndarray) -> int:
+    return t.nbytes if isinstance(t, np.ndarray) else t.numel() * t.element_size()
 
 
 def _merge_rows(fn, b, ts, mp, gp, rng, od: torch.dtype, name: str, inputs: list[Checkpoint],

@@ -110,3 +110,42 @@ def test_copy_side_files(tmp_path):
     dst.mkdir()
     got = copy_side_files(src, dst)
     assert set(got) == {"config.json", "tokenizer.json", "generation_config.json"}
+
+
+def _raw_file(header: dict, data: bytes) -> bytes:
+    h = json.dumps(header).encode()
+    return len(h).to_bytes(8, "little") + h + data
+
+
+@pytest.mark.parametrize(("header", "data", "why"), [
+    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 12, "ends at byte"),  # trailing bytes
+    ({"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8, "do not match shape"),
+    ({"w": {"dtype": "Q7", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, "invalid entry"),
+    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12, "gap or overlap"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+      "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12, "gap or overlap"),
+    ({"w": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8, "invalid entry"),
+    ([1, 2], b"", "not a JSON object"),
+])
+def test_reader_checks_the_header_as_safetensors_does(tmp_path, header, data, why):
+    """The reader validates headers itself (no safetensors/torch import on the fast path): every
+    defect the safetensors library rejects is a one-line error naming the file."""
+    d = _model_dir(tmp_path)
+    (d / "model.safetensors").write_bytes(_raw_file(header, data))
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors: corrupt or truncated safetensors file \(.*{why}"):
+        Checkpoint(d)
+
+
+def test_array_view_matches_the_tensor(tmp_path):
+    """``Checkpoint.array``: the raw bits over the memory map, equal to the tensor's."""
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 1, "hidden_size": 4}))
+    sd = {"a": torch.randn(3, 5).to(torch.bfloat16), "b": torch.randn(7), "i": torch.arange(4), "e": torch.empty(0)}
+    save_file(sd, d / "model.safetensors")
+    ck = Checkpoint(d)
+    assert ck.st_dtype("a") == "BF16" and ck.dtype("a") == torch.bfloat16
+    for n, t in sd.items():
+        arr = ck.array(n)
+        assert arr.nbytes == t.numel() * t.element_size()
+        assert arr.tobytes() == t.contiguous().view(torch.uint8).numpy().tobytes()

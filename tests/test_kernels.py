@@ -80,7 +80,7 @@ def test_the_tie_cut_falls_inside_a_later_range(monkeypatch):
     monkeypatch.setattr(fused, "BLOCK", 2 * K.CH)
     base, fts = _inputs(torch.bfloat16, (67, 1031), True)
     x, b = fused.bits(fts[0]), fused.bits(base)
-    hists = [(r, h[0]) for r, h in fused.run(K.delta_key_hist, b.size, b, *fused._pack([x], raw=True))]
+    hists = [(r, h[0]) for r, h in fused.run(K.delta_key_hist, b.size, b, *fused._pack([x]), True)]
     _thr, cut = fused._topk_threshold(x, b, int(0.3 * base.numel()), True, hists)
     assert 2 * K.CH < cut < base.numel()
     keep = gta.topk_mask(fts[0] - base, int(0.3 * base.numel())).reshape(-1)
@@ -140,8 +140,12 @@ def _tiny_checkpoints(tmp_path, dtype: torch.dtype, k: int) -> list:
     return dirs
 
 
-@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "dare_ties", "slerp"])
-def test_run_merge_writes_the_same_bytes_with_and_without_kernels(tmp_path, monkeypatch, method):
+@pytest.mark.parametrize(("method", "compute"), [("linear", "bfloat16"), ("task_arithmetic", "bfloat16"),
+                                                ("ties", "bfloat16"), ("dare_ties", "bfloat16"), ("slerp", "bfloat16"),
+                                                ("linear", "float32"), ("ties", "float32"), ("dare_ties", "float32")])
+def test_run_merge_writes_the_same_bytes_with_and_without_kernels(tmp_path, monkeypatch, method, compute):
+    """bfloat16 checkpoints merged by the torch-free kernels, by the kernels on torch tensors and by
+    the torch methods: the same bytes, in a bfloat16 compute dtype and in float32 (widened inputs)."""
     from seme import merge as merge_mod
     from seme.config import MergeConfig
 
@@ -155,17 +159,16 @@ def test_run_merge_writes_the_same_bytes_with_and_without_kernels(tmp_path, monk
     else:
         cfg = {"merge_method": method, "base_model": str(d[0]),
                "models": [{"model": str(x), "parameters": {"weight": 0.5, "density": 0.4}} for x in d[1:]]}
-    cfg = MergeConfig.model_validate({**cfg, "dtype": "bfloat16", "seed": 3})
-    calls = []
-    real = fused.get
-    monkeypatch.setattr(fused, "get", lambda n: calls.append(n) or real(n))
-    fast = merge_mod.run_merge(cfg, tmp_path / "fast", progress=False)
-    assert calls == [method]  # the kernels were used
-    monkeypatch.setenv(merge_mod.KERNELS_ENV, "off")
-    slow = merge_mod.run_merge(cfg, tmp_path / "slow", progress=False)
-    assert calls == [method]  # ...and here they were not
-    a = (fast.out_dir / "model.safetensors").read_bytes()
-    assert a == (slow.out_dir / "model.safetensors").read_bytes()
+    cfg = MergeConfig.model_validate({**cfg, "dtype": compute, "seed": 3})
+    engines = {"auto": "kernels" if method == "slerp" else "kernels, torch-free", "torch": "kernels", "off": "torch"}
+    outs = {}
+    for mode, engine in engines.items():  # torch-free kernels, kernels on torch tensors, torch methods
+        if mode != "auto":
+            monkeypatch.setenv(merge_mod.KERNELS_ENV, mode)
+        res = merge_mod.run_merge(cfg, tmp_path / mode, progress=False)
+        assert res.manifest["engine"] == engine
+        outs[mode] = (res.out_dir / "model.safetensors").read_bytes()
+    assert outs["auto"] == outs["torch"] == outs["off"]
 
 
 def test_more_sources_than_the_kernels_take_use_the_torch_path(tmp_path, monkeypatch):
@@ -204,3 +207,40 @@ def test_output_dtype_other_than_the_compute_dtype(name, dtype, od):
     out, _bad = fused.get(name)(b, ts, mp, params, torch.Generator().manual_seed(7), od)
     assert out.dtype == od
     assert torch.equal(out.view(torch.uint8), ref.to(od).view(torch.uint8))
+
+
+def test_torch_sum_order_is_torchs():
+    """The torch-free path sums weights in torch's order (the last bit depends on it): checked
+    against torch itself for every length the kernels take, float32 and bfloat16."""
+    g = torch.Generator().manual_seed(0)
+    for n in range(1, K.MAXK + 1):
+        for _ in range(300):
+            w = (torch.rand(n, generator=g) * 6 - 3) * 10 ** torch.randint(-3, 2, (n,), generator=g)
+            assert float(w.sum()) == float(fused.torch_sum(w.numpy()))
+            wb = w.to(torch.bfloat16)
+            assert float(wb.sum()) == float(fused.torch_sum(wb.float().numpy(), half=True))
+            assert np.array_equal(fused.in_dtype(w.double().tolist(), True), wb.float().numpy())
+
+
+def test_classic_cli_merge_never_imports_torch(tmp_path):
+    """``seme merge`` of bfloat16 checkpoints with a classic method runs on the kernels without
+    importing torch (1.5 s of start-up); the output equals the torch path's."""
+    import subprocess
+    import sys
+
+    d = _tiny_checkpoints(tmp_path, torch.bfloat16, 3)
+    cfg = tmp_path / "ties.yaml"
+    cfg.write_text(json.dumps({"merge_method": "ties", "base_model": str(d[0]), "dtype": "bfloat16",
+                               "models": [{"model": str(x), "parameters": {"weight": 0.5, "density": 0.5}}
+                                          for x in d[1:]]}))
+    probe = ("import sys; from seme.cli import main; rc = main(['-q', 'merge', sys.argv[1], sys.argv[2]]); "
+             "print('torch' in sys.modules, 'safetensors' in sys.modules); sys.exit(rc)")
+    out = subprocess.run([sys.executable, "-c", probe, str(cfg), str(tmp_path / "fast")], capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "False False"
+    slow = subprocess.run([sys.executable, "-m", "seme", "-q", "merge", str(cfg), str(tmp_path / "slow")],
+                          capture_output=True, text=True, env={**__import__("os").environ, "SEME_KERNELS": "off"})
+    assert slow.returncode == 0, slow.stderr
+    fast_m = json.loads((tmp_path / "fast" / "seme_manifest.json").read_text())
+    assert fast_m["engine"] == "kernels, torch-free" and fast_m["torch_version"] == torch.__version__
+    assert (tmp_path / "fast" / "model.safetensors").read_bytes() == (tmp_path / "slow" / "model.safetensors").read_bytes()

@@ -1,10 +1,21 @@
 """The classic methods on the fused CPU kernels of :mod:`seme.kernels`: same results, one pass.
 
-Each function here takes what the method's torch function takes (the executor's tensors, in the
-compute dtype) plus the output dtype, checks the parameters with the very same code, and returns
-``(merged, bad)``: the merged tensor and the non-finite counts the kernels found in the base, in
-each input tensor and in the output. The executor uses these instead of the torch functions on the
-CPU when the compute dtype is bfloat16 or float32 (``SEME_KERNELS=off`` turns them off).
+Two layers:
+
+- the **cores** (``linear_bits``, ``gta_bits``) work on numpy arrays of raw bits (bfloat16 as
+  uint16, float32 as uint32) and need no torch: the executor's torch-free path
+  (``seme.merge``, plain CPU merges of bfloat16/float32 checkpoints) calls them on arrays mapped
+  straight from the safetensors files;
+- the **torch functions** (``linear``, ``gta_method``, ``slerp``) take what the method's torch
+  function takes (the executor's tensors, in the compute dtype) plus the output dtype, and call
+  the cores on the tensors' bits.
+
+Each returns the merged result and ``bad``: the non-finite counts the kernels found in the base,
+in each input and in the output, so the executor needs no separate NaN/Inf pass. Parameters are
+checked by the very same code as the torch methods, and the few scalar steps the torch reference
+takes in the compute dtype (weights rounded to bfloat16, their sum, the L1 ratio) are reproduced
+exactly in numpy (``tests/test_kernels.py`` compares every method with the torch reference bit
+for bit, and the torch-free path with the torch path).
 
 Work is split over threads in contiguous ranges of whole kernel chunks; the kernels release the GIL.
 """
@@ -12,31 +23,37 @@ Work is split over threads in contiguous ranges of whole kernel chunks; the kern
 from __future__ import annotations
 
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import numpy as np
-import torch
 
 from seme import kernels as K
+from seme.errors import ConfigError
+from seme.lazy import torch
 from seme.methods import gta
 from seme.methods._params import as_bool, as_float, non_base
-from seme.methods.slerp import slerp_coefficients
 
 MAXK = K.MAXK  # sources per kernel call
-_BITS = {torch.bfloat16: (torch.int16, np.uint16), torch.float32: (torch.int32, np.uint32)}
 _pool: ThreadPoolExecutor | None = None
 
 
 def threads() -> int:
-    """Kernel threads: ``$SEME_THREADS``, else torch's intra-op thread count."""
+    """Kernel threads: ``$SEME_THREADS``, else torch's intra-op thread count when torch is loaded,
+    else the CPUs this process may run on."""
     env = os.environ.get("SEME_THREADS")
-    return max(1, int(env)) if env else max(1, torch.get_num_threads())
+    if env:
+        return max(1, int(env))
+    if "torch" in sys.modules:
+        return max(1, torch.get_num_threads())
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 def bits(t: torch.Tensor) -> np.ndarray:
     """The raw bits of a contiguous bfloat16/float32 tensor as a flat uint16/uint32 array (no copy)."""
-    it, nt = _BITS[t.dtype]
+    it, nt = {torch.bfloat16: (torch.int16, np.uint16), torch.float32: (torch.int32, np.uint32)}[t.dtype]
     return t.reshape(-1).view(it).numpy().view(nt)
 
 
@@ -73,59 +90,80 @@ def _total(res: list[tuple[tuple[int, int], Any]]) -> np.ndarray:
     return np.sum([r for _, r in res], axis=0)
 
 
-def _out(shape: torch.Size, od: torch.dtype, out: torch.Tensor | None) -> tuple[torch.Tensor, np.ndarray]:
-    """The output tensor (``out`` when the caller lends one) and its bits."""
-    if out is None:
-        out = torch.empty(shape, dtype=od)
-    elif out.shape != shape or out.dtype != od or not out.is_contiguous():
-        raise ValueError(f"output buffer is {tuple(out.shape)} {out.dtype}, need {tuple(shape)} {od}")
-    return out, bits(out)
-
-
-def _pack(ts: list, raw: bool = False) -> tuple:
-    """(K, x0 … x7) for the kernels: the inputs' bits (``raw``: already bit arrays), padded with
-    empty arrays."""
-    xs = list(ts) if raw else [bits(t) for t in ts]
+def _pack(xs: list[np.ndarray]) -> tuple:
+    """(K, x0 … x7) for the kernels: the inputs' bit arrays, padded with empty arrays."""
     if len(xs) > K.MAXK:
         raise ValueError(f"fused kernels take at most {K.MAXK} inputs")
     return (len(xs), *xs, *[xs[0][:0]] * (K.MAXK - len(xs)))
 
 
-def linear(b, ts, mp, gp, rng, od, release=None, out=None) -> tuple[torch.Tensor, dict]:
-    """:func:`seme.methods.linear.linear`, fused."""
-    from seme.errors import ConfigError
+# --- the compute dtype's scalar arithmetic, as torch does it ------------------------------------
 
+
+def round_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 values rounded to bfloat16 (nearest even, as torch), returned as float32."""
+    u = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).astype(np.uint32).view(np.float32)
+
+
+def in_dtype(values, half: bool) -> np.ndarray:
+    """Python floats as torch.tensor(values, dtype) holds them (bfloat16 when ``half``), as float32."""
+    v = np.asarray(values, np.float64).astype(np.float32)
+    return round_bf16(v) if half else v
+
+
+def torch_sum(v: np.ndarray, half: bool = False) -> np.float32:
+    """``torch.sum`` of a short 1-D float32 (bfloat16 when ``half``) tensor, in torch's order.
+
+    torch's CPU reduction starts four accumulators with the first four entries, adds any further
+    entries to the first one (or, for eight entries, sums in plain order), then adds the four up
+    in order; the order decides the last bit. ``tests/test_kernels.py`` checks this against
+    torch for every length the kernels take.
+    """
+    f = np.float32
+    x = [f(a) for a in np.asarray(v, np.float32)]
+    if len(x) in (5, 6, 7):
+        acc = x[:4]
+        for a in x[4:]:
+            acc[0] = f(acc[0] + a)
+        x = acc
+    s = f(0.0)
+    for a in x:
+        s = f(s + a)
+    return f(round_bf16(np.array([s]))[0]) if half else s
+
+
+# --- cores: numpy bits in, numpy bits out, no torch ---------------------------------------------
+
+
+def linear_bits(xs: list[np.ndarray], half: bool, mp: list[dict], gp: dict, o: np.ndarray, release=None) -> dict:
+    """:func:`seme.methods.linear.linear` on bit arrays ``xs`` into the output bits ``o``; ``half``:
+    the compute dtype is bfloat16 (else float32; bfloat16 inputs are then widened exactly)."""
     normalize = as_bool("linear", "normalize", gp.get("normalize", True))
     weights = [as_float("linear", "weight", p.get("weight"), f"model {i}") for i, p in enumerate(mp)]
-    w = torch.tensor(weights, dtype=torch.float32)
-    denom = float(w.sum())
+    w = in_dtype(weights, False)  # rounded to the float32 accumulator, as the reference
+    denom = torch_sum(w)
     if normalize and denom == 0.0:
         raise ConfigError(f"linear: the weights sum to 0 ({weights}); cannot normalize")
-    out, o = _out(ts[0].shape, od, out)
-    n = o.size
-    tot = _total(run(K.linear_kernel, n, *_pack(ts), w.numpy(), normalize, np.float32(denom), o, release=release))
-    return out, {"base": 0, "sources": tot[:-1].tolist(), "out": int(tot[-1])}
+    tot = _total(run(K.linear_kernel, o.size, *_pack(xs), w, normalize, np.float32(denom), half, o,
+                     release=release))
+    return {"base": 0, "sources": tot[:-1].tolist(), "out": int(tot[-1])}
 
 
-def _to_dtype(x: float, dtype: torch.dtype) -> torch.Tensor:
-    return torch.tensor(x, dtype=torch.float64).to(dtype)
-
-
-def gta_method(b, ts, mp, gp, rng, od, release=None, out=None, *, method: str, sparsify: str | None, consensus: bool) -> tuple[torch.Tensor, dict]:
-    """:func:`seme.methods.gta.gta_merge` (task arithmetic, TIES, DARE), fused: pass 1 computes
-    each task vector's trim threshold (radix select) or DARE key and the L1 factors; pass 2 is one
-    kernel over all inputs."""
-    idx, normalize, lam, rescale, weights, dens = gta._settings(method, b, ts, mp, gp, sparsify)
-    if not idx:  # nothing to merge: the base, checked here since no kernel reads it
-        nf = int((~torch.isfinite(b)).sum())
-        return b, {"base": nf, "sources": [0] * len(ts), "out": nf}
-    if sparsify == "random" and rng is None:
-        raise ValueError(f"{method}: a torch.Generator is required for DARE masks")
-    dt = b.dtype
-    n = b.numel()
-    bb = bits(b)
-    xs = [bits(ts[i]) for i in idx]
-    J = len(idx)
+def gta_bits(bb: np.ndarray, xs: list[np.ndarray], idx: list[int], half: bool, mp: list[dict], gp: dict,
+             seed: int | None, o: np.ndarray, release=None, *, method: str, sparsify: str | None,
+             consensus: bool) -> dict:
+    """:func:`seme.methods.gta.gta_merge` (task arithmetic, TIES, DARE) on bit arrays: the base
+    ``bb``, the inputs ``xs`` of which ``idx`` are task vectors (the others are the base itself),
+    into ``o``, computing in bfloat16 when ``half`` (else float32). Pass 1 computes each task vector's trim threshold (radix select) or DARE key and
+    the L1 factors; pass 2 is one kernel over all inputs. ``seed``: the tensor's seed (DARE)."""
+    normalize, lam, rescale, weights, dens = gta.checked_params(method, idx, mp, gp, sparsify)
+    if sparsify == "random" and seed is None:
+        raise ValueError(f"{method}: a seed is required for DARE masks")
+    n = bb.size
+    n_inputs = len(xs)
+    xs = [xs[i] for i in idx]
+    J = len(xs)
     thr = np.full(J, -1, np.int64)
     cut = np.full(J, n, np.int64)
     k1 = np.zeros(J, np.uint64)
@@ -134,13 +172,13 @@ def gta_method(b, ts, mp, gp, rng, od, release=None, out=None, *, method: str, s
     smul = np.full(J, np.nan, np.float32)
     sdiv = np.full(J, np.nan, np.float32)
     sp = {None: K.SP_NONE, "magnitude": K.SP_MAGNITUDE, "random": K.SP_RANDOM}[sparsify]
-    keys = gta.dare_keys(rng, J) if sparsify == "random" else None
+    keys = gta.dare_keys(seed, J) if sparsify == "random" else None
     trim = [j for j in range(J) if sparsify == "magnitude" and dens[j] < 1.0 and max(1, int(dens[j] * n)) < n]
     if trim:  # pass 1: all the histograms in one read of the inputs
-        hists = run(K.delta_key_hist, n, bb, *_pack([xs[j] for j in trim], raw=True), release=release)
+        hists = run(K.delta_key_hist, n, bb, *_pack([xs[j] for j in trim]), half, release=release)
         for q, j in enumerate(trim):
             per_range = [(r, h[q]) for r, h in hists]
-            thr[j], cut[j] = _topk_threshold(xs[j], bb, max(1, int(dens[j] * n)), dt == torch.bfloat16, per_range)
+            thr[j], cut[j] = _topk_threshold(xs[j], bb, max(1, int(dens[j] * n)), half, per_range)
     for j in range(J):
         if sparsify == "random" and dens[j] < 1.0 and n:
             k1[j], k2[j] = keys[j]
@@ -150,27 +188,26 @@ def gta_method(b, ts, mp, gp, rng, od, release=None, out=None, *, method: str, s
     l1 = [j for j in range(J) if rescale == "l1" and (thr[j] >= 0 or dthr[j] < 1 << 32)]
     if l1:  # L1 rescaling: both norms of every trimmed or dropped vector, in one read
         sel = np.array(l1)
-        parts = run(K.delta_l1, n, bb, *_pack([xs[j] for j in l1], raw=True), sp, thr[sel], cut[sel],
-                    k1[sel], k2[sel], dthr[sel], release=release)
+        parts = run(K.delta_l1, n, bb, *_pack([xs[j] for j in l1]), sp, thr[sel], cut[sel],
+                    k1[sel], k2[sel], dthr[sel], half, release=release)
         sums = np.zeros((len(l1), 2), np.float64)
         for _, p in parts:  # float64 partial sums in range order
             sums += p
+        eps = in_dtype([gta._EPS], half)[0]  # the reference compares in the compute dtype
         for q, j in enumerate(l1):
-            before, after = _to_dtype(float(sums[q, 0]), dt), _to_dtype(float(sums[q, 1]), dt)
-            if not (before < gta._EPS or after < gta._EPS):
-                smul[j] = float(before / after)
-    w = torch.tensor(weights, dtype=dt)
-    ndiv = w.sum()
-    if ndiv.abs() < 1e-8:
-        ndiv = torch.ones((), dtype=dt)
-    out, o = _out(b.shape, od, out)
-    tot = _total(run(K.gta_kernel, n, bb, *_pack(xs, raw=True), w.float().numpy(), sp, thr, cut, k1,
-                     k2, dthr, smul, sdiv, consensus, normalize, np.float32(float(ndiv)), np.float32(lam), o,
-                     release=release))
-    src = [0] * len(ts)
+            before, after = in_dtype(sums[q], half)
+            if not (before < eps or after < eps):
+                smul[j] = in_dtype([np.float32(before) / np.float32(after)], half)[0]
+    w = in_dtype(weights, half)
+    ndiv = torch_sum(w, half)
+    if abs(ndiv) < in_dtype([1e-8], half)[0]:
+        ndiv = np.float32(1.0)
+    tot = _total(run(K.gta_kernel, n, bb, *_pack(xs), w, sp, thr, cut, k1, k2, dthr, smul, sdiv, consensus,
+                     normalize, np.float32(ndiv), np.float32(lam), half, o, release=release))
+    src = [0] * n_inputs
     for j, i in enumerate(idx):
         src[i] = int(tot[1 + j])
-    return out, {"base": int(tot[0]), "sources": src, "out": int(tot[-1])}
+    return {"base": int(tot[0]), "sources": src, "out": int(tot[-1])}
 
 
 def _topk_threshold(x: np.ndarray, b: np.ndarray, k: int, half: bool, hists: list) -> tuple[int, int]:
@@ -206,10 +243,54 @@ def _topk_threshold(x: np.ndarray, b: np.ndarray, k: int, half: bool, hists: lis
     return thr, (int(ties[k - n_gt]) if n_gt + ties.size > k else n)
 
 
+#: the methods the torch-free path runs (SLERP's coefficients come from torch's sums)
+BIT_METHODS = {
+    "linear": None,
+    "task_arithmetic": {"sparsify": None, "consensus": False},
+    "ties": {"sparsify": "magnitude", "consensus": True},
+    "dare_ties": {"sparsify": "random", "consensus": True},
+    "dare_linear": {"sparsify": "random", "consensus": False},
+}
+
+
+# --- the torch functions ------------------------------------------------------------------------
+
+
+def _out(shape: torch.Size, od: torch.dtype, out: torch.Tensor | None) -> tuple[torch.Tensor, np.ndarray]:
+    """The output tensor (``out`` when the caller lends one) and its bits."""
+    if out is None:
+        out = torch.empty(shape, dtype=od)
+    elif out.shape != shape or out.dtype != od or not out.is_contiguous():
+        raise ValueError(f"output buffer is {tuple(out.shape)} {out.dtype}, need {tuple(shape)} {od}")
+    return out, bits(out)
+
+
+def linear(b, ts, mp, gp, rng, od, release=None, out=None) -> tuple[torch.Tensor, dict]:
+    """:func:`seme.methods.linear.linear`, fused."""
+    out, o = _out(ts[0].shape, od, out)
+    return out, linear_bits([bits(t) for t in ts], ts[0].dtype == torch.bfloat16, mp, gp, o, release)
+
+
+def gta_method(b, ts, mp, gp, rng, od, release=None, out=None, *, method: str, sparsify: str | None,
+               consensus: bool) -> tuple[torch.Tensor, dict]:
+    """:func:`seme.methods.gta.gta_merge`, fused (see ``gta_bits``)."""
+    idx = gta._settings(method, b, ts, mp, gp, sparsify)[0]
+    if not idx:  # nothing to merge: the base, checked here since no kernel reads it
+        nf = int((~torch.isfinite(b)).sum())
+        return b, {"base": nf, "sources": [0] * len(ts), "out": nf}
+    if sparsify == "random" and rng is None:
+        raise ValueError(f"{method}: a torch.Generator is required for DARE masks")
+    out, o = _out(b.shape, od, out)
+    bad = gta_bits(bits(b), [bits(t) for t in ts], idx, b.dtype == torch.bfloat16, mp, gp,
+                   rng.initial_seed() if rng is not None else None, o, release, method=method,
+                   sparsify=sparsify, consensus=consensus)
+    return out, bad
+
+
 def slerp(b, ts, mp, gp, rng, od, release=None, out=None) -> tuple[torch.Tensor, dict]:
     """:func:`seme.methods.slerp.slerp`: the coefficients from the reference's own (mergekit-order)
     sums, the interpolation fused."""
-    from seme.errors import ConfigError
+    from seme.methods.slerp import slerp_coefficients
 
     if b is not None and not b.is_floating_point():
         raise ConfigError(f"slerp: tensors must be floating point, got {b.dtype}")
@@ -234,15 +315,11 @@ def slerp(b, ts, mp, gp, rng, od, release=None, out=None) -> tuple[torch.Tensor,
 
 
 def get(name: str):
-    """The fused function for method ``name``, or None."""
-    from functools import partial
-
-    table = {
-        "linear": linear,
-        "task_arithmetic": partial(gta_method, method="task_arithmetic", sparsify=None, consensus=False),
-        "ties": partial(gta_method, method="ties", sparsify="magnitude", consensus=True),
-        "dare_ties": partial(gta_method, method="dare_ties", sparsify="random", consensus=True),
-        "dare_linear": partial(gta_method, method="dare_linear", sparsify="random", consensus=False),
-        "slerp": slerp,
-    }
-    return table.get(name)
+    """The fused torch function for method ``name``, or None."""
+    if name == "slerp":
+        return slerp
+    if name not in BIT_METHODS:
+        return None
+    if name == "linear":
+        return linear
+    return partial(gta_method, method=name, **BIT_METHODS[name])

@@ -19,9 +19,10 @@ per-tensor generator, so they are reproducible and independent of tensor order a
 
 from __future__ import annotations
 
+import hashlib
 from functools import partial
 
-import torch
+from seme.lazy import torch
 
 from seme.errors import ConfigError
 from seme.methods import MethodSpec, register
@@ -42,7 +43,9 @@ def rescale_mode(method: str, value: object) -> str | None:
         raise ConfigError(f"{method}: rescale must be true, false or 'exact', got {value!r}") from None
 
 
-_INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+def _int_view(dtype: torch.dtype) -> torch.dtype | None:
+    """The signed integer dtype of a float dtype's width (its bits, for exact key comparisons)."""
+    return {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}.get(dtype)
 
 
 def _kth_largest_key(key: torch.Tensor, k: int, bits: int) -> tuple[torch.Tensor, int, int]:
@@ -73,7 +76,7 @@ def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
     flat = x.reshape(-1)
     if k >= n:
         return torch.ones_like(flat, dtype=torch.bool).view(x.shape)
-    itype = _INT_VIEW.get(flat.dtype)
+    itype = _int_view(flat.dtype)
     if itype is not None:
         nbits = 32 if itype == torch.int32 else 16
         key = flat.view(itype) & ((1 << (nbits - 1)) - 1)  # clear the sign bit: |x|
@@ -123,10 +126,16 @@ _M32 = 0xFFFFFFFF
 _HASH_PIECE = 1 << 16
 
 
-def dare_keys(rng: torch.Generator, k: int) -> list[tuple[int, int]]:
-    """Two 32-bit hash keys per task vector, drawn from the per-tensor generator."""
-    draws = torch.randint(0, 1 << 32, (2 * k,), generator=rng, dtype=torch.int64, device=rng.device).tolist()
-    return [(draws[2 * j], draws[2 * j + 1]) for j in range(k)]
+def dare_keys(seed: int | torch.Generator, k: int) -> list[tuple[int, int]]:
+    """Two 32-bit hash keys per task vector, from the per-tensor seed (or the seed a generator was
+    given): sha256 of (seed, j), so the torch and the torch-free paths derive the same masks."""
+    if not isinstance(seed, int):
+        seed = seed.initial_seed()
+    keys = []
+    for j in range(k):
+        h = hashlib.sha256(f"seme-dare:{seed}:{j}".encode()).digest()
+        keys.append((int.from_bytes(h[:4], "little"), int.from_bytes(h[4:8], "little")))
+    return keys
 
 
 def dare_threshold(dens: float) -> int:
@@ -253,6 +262,13 @@ def _settings(
     idx = non_base(method, base, tensors)
     if not base.is_floating_point():
         raise ConfigError(f"{method}: tensors must be floating point, got {base.dtype}")
+    return (idx, *checked_params(method, idx, model_params, params, sparsify))
+
+
+def checked_params(
+    method: str, idx: list[int], model_params: list[dict], params: dict, sparsify: str | None
+) -> tuple[bool, float, str | None, list[float], list[float]]:
+    """(normalize, lambda, rescale, weights, densities) of the task vectors ``idx``, checked."""
     normalize = as_bool(method, "normalize", params["normalize"])
     lam = as_float(method, "lambda", params["lambda"])
     rescale = rescale_mode(method, params.get("rescale", False))
@@ -261,7 +277,7 @@ def _settings(
         density(method, model_params[i].get("density", 1.0), f"model {i}") if sparsify else 1.0
         for i in idx
     ]
-    return idx, normalize, lam, rescale, weights, dens
+    return normalize, lam, rescale, weights, dens
 
 
 def _combine(
@@ -352,7 +368,7 @@ def _trim_stats(t: torch.Tensor, b: torch.Tensor, dens: float, rescale: str | No
     n = b.numel()
     st: dict = {"thr": None, "cut": n, "factor": None, "div": dens if rescale == "exact" else None}
     k = max(1, int(dens * n))
-    itype = _INT_VIEW.get(b.dtype)
+    itype = _int_view(b.dtype)
     if k < n and itype is None:  # float64 and friends: one whole-tensor δ (rare; not streamed)
         d = _delta_block(t, b, 0, n)
         key = d.abs()
@@ -476,7 +492,7 @@ def ties_block(state: dict, base: torch.Tensor, tensors: list[torch.Tensor], row
     """Pass 2 of TIES on rows ``row0 …`` of the tensor (``base`` and ``tensors`` are those rows)."""
     idx = state["idx"]
     lo = row0 * (base.numel() // base.shape[0]) if base.dim() else 0
-    itype = _INT_VIEW.get(base.dtype)
+    itype = _int_view(base.dtype)
     deltas = torch.empty((len(idx), *base.shape), dtype=base.dtype, device=base.device)
     for j, i in enumerate(idx):
         d = torch.sub(tensors[i], base, out=deltas[j])

@@ -9,7 +9,7 @@ special part: it is averaged only if it is listed under ``models``.
 
 from __future__ import annotations
 
-import torch
+from seme.lazy import torch
 
 from seme.errors import ConfigError
 from seme.methods import MethodSpec, register

@@ -12,7 +12,7 @@ with ``filter_wise: true``. Same steps and dtype as mergekit 0.1.5 (merge_method
 
 from __future__ import annotations
 
-import torch
+from seme.lazy import torch
 
 from seme.errors import ConfigError
 from seme.methods import MethodSpec, register

@@ -11,7 +11,7 @@ as 1. Computed in float32 (float64 for float64 inputs) and rounded once to the i
 
 from __future__ import annotations
 
-import torch
+from seme.lazy import torch
 
 from seme.errors import ConfigError
 from seme.methods import REQUIRED, MethodSpec, register
