@@ -19,6 +19,9 @@ from seme import __version__
 # spinning took CPU from everything else (SeMe's align cost 2-3x more CPU). Must precede any torch
 # import; a value set by the user wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# numpy's own OpenBLAS starts a thread per core at import, and those threads spin-wait; seme makes no
+# BLAS call through numpy (torch brings MKL), so they only took CPU from the merge kernels.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 COMMAND_MODULES = (
     "merge",

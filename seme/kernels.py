@@ -309,14 +309,31 @@ def gta_kernel(b, K, x0, x1, x2, x3, x4, x5, x6, x7, w, sparsify, thr, cut, k1, 
 
 
 @njit(**_opts)
-def delta_key_hist(b, K, x0, x1, x2, x3, x4, x5, x6, x7, half, lo, hi):
+def topk_bucket(hists, q, k):
+    """The bucket holding the k-th largest key of task vector ``q``, given its per-range histograms
+    ``hists[r, q]``: (bucket, entries in higher buckets, the bucket's total count)."""
+    above = np.int64(0)
+    for bucket in range(hists.shape[2] - 1, -1, -1):
+        c = np.int64(0)
+        for r in range(hists.shape[0]):
+            c += hists[r, q, bucket]
+        if above + c >= k:
+            return bucket, above, c
+        above += c
+    return 0, above, 0
+
+
+@njit(**_opts)
+def delta_key_hist(b, K, x0, x1, x2, x3, x4, x5, x6, x7, half, hist4, hist, lo, hi):
     """Per task vector δ_j = x_j − b (rounded to the dtype), a histogram (2¹⁵ buckets) of the top
     15 magnitude bits over flat entries [lo, hi): exact keys for bfloat16, buckets of 2¹⁶ keys for
     float32. Reads the base once for all K.
 
     Four interleaved sub-histograms each: task-vector magnitudes crowd into few buckets, and
-    back-to-back increments of one counter would wait on each other. ``half``: bfloat16 compute."""
-    hist4 = np.zeros((K, 4, 1 << 15), np.int32)
+    back-to-back increments of one counter would wait on each other. ``half``: bfloat16 compute.
+    ``hist4``: int32 scratch of at least (K, 4, 2¹⁵) (reused across calls: no fresh pages);
+    ``hist``: the (K, 2¹⁵) output (int32: a range holds fewer than 2³¹ entries)."""
+    hist4[:K] = 0
     ub = np.empty(CH, np.uint32)
     fb = ub.view(np.float32)
     u = np.empty(CH, np.uint32)
@@ -337,12 +354,10 @@ def delta_key_hist(b, K, x0, x1, x2, x3, x4, x5, x6, x7, half, lo, hi):
                 h[3, u[i + 3]] += 1
             for i in range(m4, m):
                 h[0, u[i]] += 1
-    hist = np.zeros((K, 1 << 15), np.int64)
     for j in range(K):
-        for r in range(4):
-            for i in range(1 << 15):
-                hist[j, i] += hist4[j, r, i]
-    return hist
+        for i in range(1 << 15):
+            hist[j, i] = (hist4[j, 0, i] + hist4[j, 1, i]) + (hist4[j, 2, i] + hist4[j, 3, i])
+    return 0
 
 
 @njit(**_opts)

@@ -80,8 +80,10 @@ def test_the_tie_cut_falls_inside_a_later_range(monkeypatch):
     monkeypatch.setattr(fused, "BLOCK", 2 * K.CH)
     base, fts = _inputs(torch.bfloat16, (67, 1031), True)
     x, b = fused.bits(fts[0]), fused.bits(base)
-    hists = [(r, h[0]) for r, h in fused.run(K.delta_key_hist, b.size, b, *fused._pack([x]), True)]
-    _thr, cut = fused._topk_threshold(x, b, int(0.3 * base.numel()), True, hists)
+    ranges = [r for rs in fused.blocks(b.size) for r in rs]
+    hists = np.empty((len(ranges), 1, 1 << 15), np.int32)
+    fused.run(fused._hist, b.size, {lo: hists[i] for i, (lo, _) in enumerate(ranges)}, b, *fused._pack([x]), True)
+    _thr, cut = fused._topk_threshold(x, b, int(0.3 * base.numel()), True, ranges, hists, 0)
     assert 2 * K.CH < cut < base.numel()
     keep = gta.topk_mask(fts[0] - base, int(0.3 * base.numel())).reshape(-1)
     assert int(torch.nonzero(keep).max()) >= cut - 1

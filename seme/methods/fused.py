@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
@@ -68,13 +69,19 @@ def _ranges(lo: int, hi: int) -> list[tuple[int, int]]:
     return [(a, min(hi, a + step)) for a in range(lo, hi, step)] or [(lo, lo)]
 
 
+def blocks(n: int) -> list[list[tuple[int, int]]]:
+    """The ranges ``run`` splits [0, n) into: blocks of ``BLOCK`` entries, each a list of
+    per-thread ranges of whole kernel chunks."""
+    return [_ranges(b0, min(n, b0 + BLOCK)) for b0 in range(0, max(n, 1), BLOCK)]
+
+
 def run(fn, n: int, *args: Any, release=None) -> list[tuple[tuple[int, int], Any]]:
-    """``fn(*args, lo, hi)`` over [0, n): blocks of ``BLOCK`` entries, each split into per-thread
-    ranges; ``release(lo, hi)`` after each block. Returns (range, result) pairs in range order."""
+    """``fn(*args, lo, hi)`` over [0, n): the ranges of ``blocks(n)``, a block's ranges on the
+    kernel threads at once; ``release(lo, hi)`` after each block. Returns (range, result) pairs in
+    range order."""
     global _pool
     out: list[tuple[tuple[int, int], Any]] = []
-    for b0 in range(0, max(n, 1), BLOCK):
-        rs = _ranges(b0, min(n, b0 + BLOCK))
+    for rs in blocks(n):
         if len(rs) == 1:
             out.append((rs[0], fn(*args, *rs[0])))
         else:
@@ -82,7 +89,7 @@ def run(fn, n: int, *args: Any, release=None) -> list[tuple[tuple[int, int], Any
                 _pool = ThreadPoolExecutor(max_workers=threads(), thread_name_prefix="seme-kernel")
             out.extend(zip(rs, _pool.map(lambda r: fn(*args, *r), rs)))
         if release is not None:
-            release(b0, min(n, b0 + BLOCK))
+            release(rs[0][0], rs[-1][1])
     return out
 
 
@@ -175,10 +182,14 @@ def gta_bits(bb: np.ndarray, xs: list[np.ndarray], idx: list[int], half: bool, m
     keys = gta.dare_keys(seed, J) if sparsify == "random" else None
     trim = [j for j in range(J) if sparsify == "magnitude" and dens[j] < 1.0 and max(1, int(dens[j] * n)) < n]
     if trim:  # pass 1: all the histograms in one read of the inputs
-        hists = run(K.delta_key_hist, n, bb, *_pack([xs[j] for j in trim]), half, release=release)
+        ranges = [r for rs in blocks(n) for r in rs]
+        hists = np.empty((len(ranges), len(trim), 1 << 15), np.int32)  # (range, task vector, bucket)
+        at = {lo: hists[i] for i, (lo, _hi) in enumerate(ranges)}
+        run(_hist, n, at, bb, *_pack([xs[j] for j in trim]), half, release=release)
+        found = _map(lambda q: _topk_threshold(xs[trim[q]], bb, max(1, int(dens[trim[q]] * n)), half, ranges,
+                                               hists, q), range(len(trim)))
         for q, j in enumerate(trim):
-            per_range = [(r, h[q]) for r, h in hists]
-            thr[j], cut[j] = _topk_threshold(xs[j], bb, max(1, int(dens[j] * n)), half, per_range)
+            thr[j], cut[j] = found[q]
     for j in range(J):
         if sparsify == "random" and dens[j] < 1.0 and n:
             k1[j], k2[j] = keys[j]
@@ -210,30 +221,52 @@ def gta_bits(bb: np.ndarray, xs: list[np.ndarray], idx: list[int], half: bool, m
     return {"base": int(tot[0]), "sources": src, "out": int(tot[-1])}
 
 
-def _topk_threshold(x: np.ndarray, b: np.ndarray, k: int, half: bool, hists: list) -> tuple[int, int]:
+_scratch = threading.local()
+
+
+def _hist(at: dict, b, K_, *rest):
+    """``delta_key_hist`` into ``at[lo]`` (the range's slice of the caller's histograms), with this
+    thread's reusable scratch."""
+    h4 = getattr(_scratch, "hist4", None)
+    if h4 is None:
+        h4 = _scratch.hist4 = np.empty((MAXK, 4, 1 << 15), np.int32)
+    lo, hi = rest[-2:]
+    return K.delta_key_hist(b, K_, *rest[:-2], h4, at[lo], lo, hi)
+
+
+def _map(fn, items) -> list:
+    """``fn`` over ``items`` on the kernel threads (the kernels release the GIL)."""
+    global _pool
+    items = list(items)
+    if len(items) < 2 or threads() < 2:
+        return [fn(x) for x in items]
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=threads(), thread_name_prefix="seme-kernel")
+    return list(_pool.map(fn, items))
+
+
+def _topk_threshold(x: np.ndarray, b: np.ndarray, k: int, half: bool, ranges: list, hists: np.ndarray,
+                    q: int) -> tuple[int, int]:
     """(threshold key, tie cut) of the top-k trim of δ = x − b, as ``gta.topk_mask`` chooses:
-    keep key > thr, and key == thr at flat indices < cut (lowest indices first). ``hists``: δ's
-    key histogram per range, ((lo, hi), hist) in range order (``delta_key_hist``)."""
+    keep key > thr, and key == thr at flat indices < cut (lowest indices first). ``hists[r, q]``:
+    δ's key histogram over ``ranges[r]`` (``delta_key_hist``)."""
     n = b.size
     if k >= n:
         return -1, n
-    hist = np.sum([h for _, h in hists], axis=0)
-    from_top = np.cumsum(hist[::-1])
-    i = int(np.searchsorted(from_top, k))
-    bucket = (1 << 15) - 1 - i
-    above = int(from_top[i] - hist[bucket])
+    bucket, above, n_eq = (int(v) for v in K.topk_bucket(hists, q, k))
     if half:
-        thr, n_gt, n_eq = bucket, above, int(hist[bucket])
+        thr, n_gt = bucket, above
         if n_gt + n_eq <= k:
             return thr, n
         need = k - n_gt
-        for (lo, hi), h in hists:
-            c = int(h[thr])
+        for r, (lo, hi) in enumerate(ranges):
+            c = int(hists[r, q, thr])
             if need < c:
                 return thr, int(K.delta_nth_equal(x, b, np.uint32(thr), need, lo, hi))
             need -= c
         raise AssertionError("top-k tie cut not found")  # pragma: no cover - counts guarantee it
-    found = [K.delta_key_gather(x, b, np.uint32(bucket), int(h[bucket]), lo, hi) for (lo, hi), h in hists]
+    found = [K.delta_key_gather(x, b, np.uint32(bucket), int(hists[r, q, bucket]), lo, hi)
+             for r, (lo, hi) in enumerate(ranges)]
     cand = np.concatenate([f[0] for f in found])
     where = np.concatenate([f[1] for f in found])
     r = k - above  # the r-th largest candidate is the threshold
