@@ -43,7 +43,10 @@ def _cache_dir() -> str:
 
 os.environ["NUMBA_CACHE_DIR"] = _cache_dir()
 
-from numba import njit  # after NUMBA_CACHE_DIR is set
+from llvmlite import ir as llir  # noqa: E402
+from numba import njit  # noqa: E402  # after NUMBA_CACHE_DIR is set
+from numba.core import types as nbt  # noqa: E402
+from numba.extending import intrinsic  # noqa: E402
 
 
 def _skip_blas_probe() -> None:
@@ -66,6 +69,22 @@ def _skip_blas_probe() -> None:
 _skip_blas_probe()
 
 CH = 4096  # entries per chunk: a few float32 scratch rows stay in the L1/L2 cache
+
+
+@intrinsic
+def _f2u(typingctx, x):
+    """A float32's bits as a uint32 (a register bitcast, no memory round trip)."""
+    if x != nbt.float32:
+        return None
+    return nbt.uint32(nbt.float32), lambda context, builder, sig, args: builder.bitcast(args[0], llir.IntType(32))
+
+
+@intrinsic
+def _u2f(typingctx, x):
+    """The float32 whose bits are the uint32 ``x``."""
+    if x != nbt.uint32:
+        return None
+    return nbt.float32(nbt.uint32), lambda context, builder, sig, args: builder.bitcast(args[0], llir.FloatType())
 EXP = np.uint32(0x7F800000)
 
 _opts = {"nogil": True, "cache": True, "fastmath": False, "error_model": "numpy"}
@@ -131,6 +150,14 @@ def _pick(j, x0, x1, x2, x3, x4, x5, x6, x7):
     if j == 6:
         return x6
     return x7
+
+
+@njit(inline="always", **_opts)
+def _r16(x, half):
+    """The float32 ``x`` rounded to bfloat16 (nearest even, as torch) when ``half``; else ``x``."""
+    u = _f2u(x)
+    r = np.uint32((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000))
+    return _u2f(r if half else u)  # a select, not a branch: the loops stay vectorizable
 
 
 @njit(inline="always", **_opts)
@@ -209,6 +236,42 @@ def _dare_keep(i, k1, k2, thr):
 SP_NONE, SP_MAGNITUDE, SP_RANDOM = 0, 1, 2
 
 
+@njit(inline="always", **_opts)
+def _task_vector(x, c0, m, fb, d, half, kmask, sparsify, thr, cj, k1, k2, dthr, smul, sdiv, wj):
+    """One source's weighted, sparsified task vector on a chunk, in one pass: d[:m] = w·(rescaled
+    (masked (x − b))), each op rounded to the compute dtype where the reference rounds. ``fb``: the
+    base chunk (float32); ``cj``: the tie cut relative to the chunk. Returns # non-finite in x."""
+    sh = np.uint32((4 - x.itemsize) * 8)
+    s = x[c0 : c0 + m]  # index a slice from 0: no wraparound checks, so the loop vectorizes
+    # Branch-free, so the loop vectorizes: no trim is the trim that keeps every key (key ≥ 0 = t,
+    # before cut m); no rescale multiplies and divides by 1, which is exact.
+    if sparsify == SP_MAGNITUDE and thr >= 0:
+        t = np.uint32(thr << 16) if half else np.uint32(thr)
+    else:
+        t, cj = np.uint32(0), np.int64(m)
+    sm = smul if not np.isnan(smul) else np.float32(1.0)
+    sd = sdiv if np.isnan(smul) and not np.isnan(sdiv) else np.float32(1.0)
+    bad = 0
+    if sparsify == SP_RANDOM:
+        for i in range(m):
+            u = np.uint32(np.uint32(s[i]) << sh)
+            bad += (u & EXP) == EXP
+            v = _r16(_u2f(u) - fb[i], half)
+            v = v if _dare_keep(c0 + i, k1, k2, dthr) else np.float32(0.0)
+            v = _r16(_r16(v * sm, half) / sd, half)
+            d[i] = _r16(v * wj, half)
+    else:
+        for i in range(m):
+            u = np.uint32(np.uint32(s[i]) << sh)
+            bad += (u & EXP) == EXP
+            v = _r16(_u2f(u) - fb[i], half)
+            key = _f2u(v) & kmask
+            v = v if (key > t) | ((key == t) & (i < cj)) else np.float32(0.0)
+            v = _r16(_r16(v * sm, half) / sd, half)
+            d[i] = _r16(v * wj, half)
+    return bad
+
+
 @njit(**_opts)
 def gta_kernel(b, K, x0, x1, x2, x3, x4, x5, x6, x7, w, sparsify, thr, cut, k1, k2, dthr, smul, sdiv, consensus, normalize,
                ndiv, lam, half, out, lo, hi):
@@ -220,88 +283,62 @@ def gta_kernel(b, K, x0, x1, x2, x3, x4, x5, x6, x7, w, sparsify, thr, cut, k1, 
     cut; thr < 0: no trim), ``k1/k2/dthr`` (random: the DARE hash mask), ``smul[j]``/``sdiv[j]``
     (rescale factor / divisor; NaN: none), ``w[j]`` the weight in the compute dtype. ``ndiv``: the
     normalize divisor without consensus. Returns non-finite counts: base, each source, output.
+
+    Per chunk: one fused pass per source (``_task_vector``), the sums (one pass per source), and
+    one fused pass for everything after them.
     """
     kmask = np.uint32(0x7FFF0000) if half else np.uint32(0x7FFFFFFF)
+    half_out = half and out.itemsize == 4  # a bfloat16 output is rounded by _store
     bad = np.zeros(K + 2, np.int64)
     ub = np.empty(CH, np.uint32)
     fb = ub.view(np.float32)
-    u = np.empty(CH, np.uint32)
-    f = u.view(np.float32)
     D = np.empty((K, CH), np.float32)
     acc = np.empty(CH, np.float32)
     sgn = np.empty(CH, np.float32)
     dv = np.empty(CH, np.float32)
+    one = np.float32(1.0)
+    zero = np.float32(0.0)
     for c0 in range(lo, hi, CH):
         m = min(CH, hi - c0)
         bad[0] += _load(b, c0, m, ub)
         for j in range(K):
-            bad[1 + j] += _delta(_pick(j, x0, x1, x2, x3, x4, x5, x6, x7), c0, m, fb, u, f, half)
-            if sparsify == SP_MAGNITUDE and thr[j] >= 0:
-                t = np.uint32(thr[j] << 16) if half else np.uint32(thr[j])
-                cj = cut[j] - c0  # entries equal to t are kept before this chunk offset
-                for i in range(m):
-                    key = u[i] & kmask
-                    u[i] = u[i] if (key > t) | ((key == t) & (i < cj)) else np.uint32(0)
-            elif sparsify == SP_RANDOM:
-                for i in range(m):
-                    u[i] = u[i] if _dare_keep(c0 + i, k1[j], k2[j], dthr[j]) else np.uint32(0)
-            if not np.isnan(smul[j]):
-                for i in range(m):
-                    f[i] = f[i] * smul[j]
-                _rnd(u, m, half)
-            elif not np.isnan(sdiv[j]):
-                for i in range(m):
-                    f[i] = f[i] / sdiv[j]
-                _rnd(u, m, half)
-            wj = w[j]
+            bad[1 + j] += _task_vector(_pick(j, x0, x1, x2, x3, x4, x5, x6, x7), c0, m, fb, D[j], half, kmask,
+                                       sparsify, thr[j], cut[j] - c0, k1[j], k2[j], dthr[j], smul[j], sdiv[j], w[j])
+        acc[:m] = 0
+        for j in range(K):
+            dj = D[j]
             for i in range(m):
-                f[i] = f[i] * wj
-            _rnd(u, m, half)
-            D[j, :m] = f[:m]
-        ua = acc.view(np.uint32)
+                acc[i] = acc[i] + dj[i]
         if consensus:
-            acc[:m] = 0
-            for j in range(K):
-                for i in range(m):
-                    acc[i] = acc[i] + D[j, i]
-            _rnd(ua, m, half)
             for i in range(m):
-                sgn[i] = 1.0 if acc[i] >= 0 else -1.0
-            acc[:m] = 0
-            dv[:m] = 0
+                sgn[i] = one if _r16(acc[i], half) >= 0 else -one
+                acc[i] = zero
+                dv[i] = zero
             for j in range(K):
+                dj = D[j]
                 wj = w[j]
                 for i in range(m):
-                    p = D[j, i] * sgn[i]
-                    acc[i] = acc[i] + (p if p > 0 else np.float32(0.0))
-                    dv[i] = dv[i] + (wj if p > 0 else np.float32(0.0))
-            _rnd(ua, m, half)
+                    p = dj[i] * sgn[i]
+                    pos = p > 0
+                    acc[i] = acc[i] + (p if pos else zero)
+                    dv[i] = dv[i] + (wj if pos else zero)
             for i in range(m):
-                acc[i] = acc[i] * sgn[i]
-            if normalize:
-                _rnd(dv.view(np.uint32), m, half)
-                for i in range(m):
-                    d = dv[i] if dv[i] != 0 else np.float32(1.0)
-                    acc[i] = acc[i] / d
-                _rnd(ua, m, half)
+                a = _r16(acc[i], half) * sgn[i]
+                if normalize:
+                    dd = _r16(dv[i], half)
+                    a = _r16(a / (dd if dd != 0 else one), half)
+                if lam != 1:
+                    a = _r16(a * lam, half)
+                acc[i] = _r16(a + fb[i], half_out)
         else:
-            acc[:m] = 0
-            for j in range(K):
-                for i in range(m):
-                    acc[i] = acc[i] + D[j, i]
-            _rnd(ua, m, half)
-            if normalize:
-                for i in range(m):
-                    acc[i] = acc[i] / ndiv
-                _rnd(ua, m, half)
-        if lam != 1:
             for i in range(m):
-                acc[i] = acc[i] * lam
-            _rnd(ua, m, half)
-        for i in range(m):
-            acc[i] = acc[i] + fb[i]
-        _rnd(ua, m, half and out.itemsize == 4)  # (a bfloat16 output is rounded by _store)
-        bad[K + 1] += _store(ua, m, out, c0)
+                a = _r16(acc[i], half)
+                if normalize:
+                    a = _r16(a / ndiv, half)
+                if lam != 1:
+                    a = _r16(a * lam, half)
+                acc[i] = _r16(a + fb[i], half_out)
+        bad[K + 1] += _store(acc.view(np.uint32), m, out, c0)
     return bad
 
 
