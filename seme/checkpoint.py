@@ -484,9 +484,10 @@ class CheckpointWriter:
             self._hashes.append([hashlib.sha256(struct.pack("<Q", len(raw)) + raw), 0, off])
         self._written: set[str] = set()
 
-    def write(self, name: str, tensor: torch.Tensor | np.ndarray) -> None:
+    def write(self, name: str, tensor: torch.Tensor | np.ndarray, hash: bool = True) -> None:  # noqa: A002
         """Write one planned tensor: a torch tensor, or a numpy array of its raw bits (any shape,
-        e.g. flat uint16 for bfloat16) whose byte size matches the plan."""
+        e.g. flat uint16 for bfloat16) whose byte size matches the plan. ``hash=False``: the caller
+        hashes it with ``hash_update`` instead (e.g. on another thread, in plan order)."""
         shape, dtype = self._expected[name]
         slot = self.slots[name]
         if isinstance(tensor, np.ndarray):
@@ -504,13 +505,23 @@ class CheckpointWriter:
             data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         fh.seek(base + slot.begin)
         fh.write(memoryview(data))
+        self._written.add(name)
+        if hash:
+            self.hash_update(name, data)
+
+    def hash_update(self, name: str, data: torch.Tensor | np.ndarray) -> None:
+        """Feed one tensor's bytes to its shard's running sha256 (tensors must come in plan order;
+        otherwise the shard is hashed by reading it back)."""
+        if not isinstance(data, np.ndarray):
+            data = data.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        data = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+        slot = self.slots[name]
         hs = self._hashes[slot.shard]
         if hs[0] is not None and hs[1] == slot.begin:
             hs[0].update(memoryview(data))  # hashlib releases the GIL on large buffers
             hs[1] = slot.end
         else:
             hs[0] = None  # out of order: the file is hashed by reading it back
-        self._written.add(name)
 
     def sha256s(self) -> dict[str, str]:
         """sha256 of every shard that was written in order from start to end."""

@@ -358,7 +358,7 @@ def run_merge(
         return o
 
     def store(name: str, merged: torch.Tensor | np.ndarray) -> None:
-        writer.write(name, merged)
+        writer.write(name, merged, hash=False)  # hashed on its own thread, at the same time
         if seme_merger is None:
             for ck in inputs:  # done with this tensor: its input pages leave our RSS
                 ck.release(name)
@@ -372,20 +372,23 @@ def run_merge(
         try:
             bar = _progress(len(plan), progress)
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="seme-prefetch") as prefetch, \
-                    ThreadPoolExecutor(max_workers=1, thread_name_prefix="seme-write") as wpool:
+                    ThreadPoolExecutor(max_workers=1, thread_name_prefix="seme-write") as wpool, \
+                    ThreadPoolExecutor(max_workers=1, thread_name_prefix="seme-hash") as hpool:
                 if seme_merger is None and not bit_path:
                     nxt = prefetch.submit(load, plan[0][0], plan[0][2])
-                pending: Future | None = None
+                pending: list[Future] = []
                 for i, (name, _shape, odc) in enumerate(plan):
                     merged = produce(i, name, odc)
-                    if pending is not None:  # at most one write in flight: bounded memory
-                        pending.result()
-                    pending = wpool.submit(store, name, merged)
+                    for f in pending:  # at most one tensor being written: bounded memory
+                        f.result()
+                    # the write (a memcpy into the page cache) and the sha256 of the same bytes,
+                    # each on its own core: one after the other they were the slowest stage
+                    pending = [wpool.submit(store, name, merged), hpool.submit(writer.hash_update, name, merged)]
                     written += _nbytes(merged)
                     del merged
                     bar.update(1)
-                if pending is not None:
-                    pending.result()
+                for f in pending:
+                    f.result()
             bar.close()
             files = writer.close()
         except BaseException:
