@@ -215,20 +215,21 @@ M32 = np.uint64(0xFFFFFFFF)
 
 @njit(inline="always", **_opts)
 def _fmix32(x):
-    x ^= x >> np.uint64(16)
-    x = (x * np.uint64(0x85EBCA6B)) & M32
-    x ^= x >> np.uint64(13)
-    x = (x * np.uint64(0xC2B2AE35)) & M32
-    x ^= x >> np.uint64(16)
-    return x
+    """murmur3's finalizer on a uint32, in 32-bit arithmetic (products wrap mod 2³²: 32-bit vector
+    multiplies)."""
+    x = np.uint32(x ^ (x >> np.uint32(16)))
+    x = np.uint32(x * np.uint32(0x85EBCA6B))
+    x = np.uint32(x ^ (x >> np.uint32(13)))
+    x = np.uint32(x * np.uint32(0xC2B2AE35))
+    return np.uint32(x ^ (x >> np.uint32(16)))
 
 
 @njit(inline="always", **_opts)
 def _dare_keep(i, k1, k2, thr):
     ii = np.uint64(i)
-    h = _fmix32((ii & M32) ^ k1)
-    h = _fmix32(h ^ (ii >> np.uint64(32)) ^ k2)
-    return h < thr
+    h = _fmix32(np.uint32((ii & M32) ^ k1))
+    h = _fmix32(np.uint32(np.uint64(h) ^ (ii >> np.uint64(32)) ^ k2))
+    return np.uint64(h) < thr
 
 
 # --- generalized task arithmetic: task_arithmetic, ties, dare_linear, dare_ties (pass 2) ---------
@@ -368,20 +369,32 @@ def delta_key_hist(b, K, x0, x1, x2, x3, x4, x5, x6, x7, half, hist4, hist, lo, 
 
     Four interleaved sub-histograms each: task-vector magnitudes crowd into few buckets, and
     back-to-back increments of one counter would wait on each other. ``half``: bfloat16 compute.
-    ``hist4``: int32 scratch of at least (K, 4, 2¹⁵) (reused across calls: no fresh pages);
-    ``hist``: the (K, 2¹⁵) output (int32: a range holds fewer than 2³¹ entries)."""
-    hist4[:K] = 0
+    ``hist4``: int32 scratch of at least (K, 4, 2¹⁵), all zero on entry and left all zero (reused
+    across calls); ``hist``: the (K, 2¹⁵) int32 output, zero on entry (a range holds fewer than
+    2³¹ entries). Only the buckets between the smallest and the largest key seen are summed and
+    cleared: task vectors span a few exponents, so that is a small part of the 2¹⁵."""
     ub = np.empty(CH, np.uint32)
     fb = ub.view(np.float32)
     u = np.empty(CH, np.uint32)
-    f = u.view(np.float32)
+    kmin = np.full(K, (1 << 15) - 1, np.int64)
+    kmax = np.zeros(K, np.int64)
     for c0 in range(lo, hi, CH):
         m = min(CH, hi - c0)
         _load(b, c0, m, ub)
         for j in range(K):
-            _delta(_pick(j, x0, x1, x2, x3, x4, x5, x6, x7), c0, m, fb, u, f, half)
+            x = _pick(j, x0, x1, x2, x3, x4, x5, x6, x7)
+            sh = np.uint32((4 - x.itemsize) * 8)
+            s = x[c0 : c0 + m]  # index a slice from 0: no wraparound checks, so the loop vectorizes
+            kl = np.uint32(kmin[j])
+            kh = np.uint32(kmax[j])
             for i in range(m):
-                u[i] = (u[i] & np.uint32(0x7FFFFFFF)) >> np.uint32(16)
+                v = _r16(_u2f(np.uint32(np.uint32(s[i]) << sh)) - fb[i], half)
+                k = np.uint32((_f2u(v) & np.uint32(0x7FFFFFFF)) >> np.uint32(16))
+                u[i] = k
+                kl = min(kl, k)
+                kh = max(kh, k)
+            kmin[j] = kl
+            kmax[j] = kh
             h = hist4[j]
             m4 = m - m % 4
             for i in range(0, m4, 4):
@@ -392,8 +405,12 @@ def delta_key_hist(b, K, x0, x1, x2, x3, x4, x5, x6, x7, half, hist4, hist, lo, 
             for i in range(m4, m):
                 h[0, u[i]] += 1
     for j in range(K):
-        for i in range(1 << 15):
+        for i in range(kmin[j], kmax[j] + 1):
             hist[j, i] = (hist4[j, 0, i] + hist4[j, 1, i]) + (hist4[j, 2, i] + hist4[j, 3, i])
+            hist4[j, 0, i] = 0
+            hist4[j, 1, i] = 0
+            hist4[j, 2, i] = 0
+            hist4[j, 3, i] = 0
     return 0
 
 
@@ -423,62 +440,95 @@ def delta_key_gather(t, b, bucket, count, lo, hi):
 
 @njit(**_opts)
 def delta_nth_equal(t, b, thr16, need, lo, hi):
-    """bfloat16 only: flat index of the ``need``-th (0-based) entry whose |δ| key equals thr16."""
-    ub = np.empty(CH, np.uint32)
-    fb = ub.view(np.float32)
-    u = np.empty(CH, np.uint32)
-    f = u.view(np.float32)
+    """bfloat16 only: flat index of the ``need``-th (0-based) entry whose |δ| key equals thr16.
+
+    Counts the matches a chunk at a time (a vectorized count), and walks entry by entry only in
+    the chunk that holds the answer."""
+    st_ = np.uint32((4 - t.itemsize) * 8)
+    sb_ = np.uint32((4 - b.itemsize) * 8)
+    mask = np.uint32(0x7FFFFFFF)
     for c0 in range(lo, hi, CH):
         m = min(CH, hi - c0)
-        _load(b, c0, m, ub)
-        _delta(t, c0, m, fb, u, f, True)
+        xt = t[c0 : c0 + m]  # index slices from 0: no wraparound checks, so the loops vectorize
+        xb = b[c0 : c0 + m]
+        c = 0
         for i in range(m):
-            if ((u[i] & np.uint32(0x7FFFFFFF)) >> np.uint32(16)) == thr16:
-                if need == 0:
-                    return c0 + i
-                need -= 1
+            v = _r16(_u2f(np.uint32(np.uint32(xt[i]) << st_)) - _u2f(np.uint32(np.uint32(xb[i]) << sb_)), True)
+            c += ((_f2u(v) & mask) >> np.uint32(16)) == thr16
+        if need < c:
+            for i in range(m):
+                v = _r16(_u2f(np.uint32(np.uint32(xt[i]) << st_)) - _u2f(np.uint32(np.uint32(xb[i]) << sb_)), True)
+                if ((_f2u(v) & mask) >> np.uint32(16)) == thr16:
+                    if need == 0:
+                        return c0 + i
+                    need -= 1
+        need -= c
     return -1
 
 
 @njit(**_opts)
 def delta_l1(b, K, x0, x1, x2, x3, x4, x5, x6, x7, sparsify, thr, cut, k1, k2, dthr, half, lo, hi):
     """Per task vector j: (Σ|δ_j|, Σ|δ_j after its trim or drop|) over [lo, hi), float64 (four
-    partial sums each, so the additions do not wait on one another): L1 rescaling's two norms."""
+    partial sums each, so the additions do not wait on one another): L1 rescaling's two norms.
+
+    Per chunk: the base once; per source one fused pass (δ, its magnitude and its keep flag), then
+    the float64 sums, in the same order as one source at a time."""
     kmask = np.uint32(0x7FFF0000) if half else np.uint32(0x7FFFFFFF)
     out = np.zeros((K, 2), np.float64)
+    sums = np.zeros((K, 8), np.float64)  # per source: 4 partial sums before, 4 after
     ub = np.empty(CH, np.uint32)
     fb = ub.view(np.float32)
-    u = np.empty(CH, np.uint32)
-    f = u.view(np.float32)
+    f = np.empty(CH, np.float32)
     keep = np.empty(CH, np.float32)
-    for j in range(K):
-        x = _pick(j, x0, x1, x2, x3, x4, x5, x6, x7)
-        t32 = np.uint32(thr[j] << 16) if half else np.uint32(max(thr[j], 0))
-        sb = np.zeros(4, np.float64)
-        sa = np.zeros(4, np.float64)
-        for c0 in range(lo, hi, CH):
-            m = min(CH, hi - c0)
-            _load(b, c0, m, ub)
-            _delta(x, c0, m, fb, u, f, half)
+    one = np.float32(1.0)
+    zero = np.float32(0.0)
+    for c0 in range(lo, hi, CH):
+        m = min(CH, hi - c0)
+        _load(b, c0, m, ub)
+        for j in range(K):
+            x = _pick(j, x0, x1, x2, x3, x4, x5, x6, x7)
+            sh = np.uint32((4 - x.itemsize) * 8)
+            s = x[c0 : c0 + m]  # index a slice from 0: no wraparound checks, so the loop vectorizes
             if sparsify == SP_MAGNITUDE:
+                if thr[j] >= 0:
+                    t = np.uint32(thr[j] << 16) if half else np.uint32(thr[j])
+                    cj = cut[j] - c0
+                else:
+                    t, cj = np.uint32(0), np.int64(m)
                 for i in range(m):
-                    key = u[i] & kmask
-                    keep[i] = 1.0 if (thr[j] < 0 or key > t32 or (key == t32 and c0 + i < cut[j])) else 0.0
+                    v = _r16(_u2f(np.uint32(np.uint32(s[i]) << sh)) - fb[i], half)
+                    key = _f2u(v) & kmask
+                    f[i] = abs(v)
+                    keep[i] = one if (key > t) | ((key == t) & (i < cj)) else zero
             else:
                 for i in range(m):
-                    keep[i] = 1.0 if _dare_keep(c0 + i, k1[j], k2[j], dthr[j]) else 0.0
+                    v = _r16(_u2f(np.uint32(np.uint32(s[i]) << sh)) - fb[i], half)
+                    f[i] = abs(v)
+                    keep[i] = one if _dare_keep(c0 + i, k1[j], k2[j], dthr[j]) else zero
+            sb0, sb1, sb2, sb3, sa0, sa1, sa2, sa3 = sums[j]
             m4 = m - m % 4
             for i in range(0, m4, 4):
-                for r in range(4):
-                    a = abs(np.float64(f[i + r]))
-                    sb[r] += a
-                    sa[r] += a * keep[i + r]  # i + r ≥ 0: range from 0
+                a0 = np.float64(f[i])
+                a1 = np.float64(f[i + 1])
+                a2 = np.float64(f[i + 2])
+                a3 = np.float64(f[i + 3])
+                sb0 += a0
+                sb1 += a1
+                sb2 += a2
+                sb3 += a3
+                sa0 += a0 * keep[i]
+                sa1 += a1 * keep[i + 1]
+                sa2 += a2 * keep[i + 2]
+                sa3 += a3 * keep[i + 3]
             for i in range(m4, m):
-                a = abs(np.float64(f[i]))
-                sb[0] += a
-                sa[0] += a * keep[i]
-        out[j, 0] = (sb[0] + sb[1]) + (sb[2] + sb[3])
-        out[j, 1] = (sa[0] + sa[1]) + (sa[2] + sa[3])
+                a0 = np.float64(f[i])
+                sb0 += a0
+                sa0 += a0 * keep[i]
+            sums[j, 0], sums[j, 1], sums[j, 2], sums[j, 3] = sb0, sb1, sb2, sb3
+            sums[j, 4], sums[j, 5], sums[j, 6], sums[j, 7] = sa0, sa1, sa2, sa3
+    for j in range(K):
+        out[j, 0] = (sums[j, 0] + sums[j, 1]) + (sums[j, 2] + sums[j, 3])
+        out[j, 1] = (sums[j, 4] + sums[j, 5]) + (sums[j, 6] + sums[j, 7])
     return out
 
 

@@ -81,7 +81,7 @@ def test_the_tie_cut_falls_inside_a_later_range(monkeypatch):
     base, fts = _inputs(torch.bfloat16, (67, 1031), True)
     x, b = fused.bits(fts[0]), fused.bits(base)
     ranges = [r for rs in fused.blocks(b.size) for r in rs]
-    hists = np.empty((len(ranges), 1, 1 << 15), np.int32)
+    hists = np.zeros((len(ranges), 1, 1 << 15), np.int32)
     fused.run(fused._hist, b.size, {lo: hists[i] for i, (lo, _) in enumerate(ranges)}, b, *fused._pack([x]), True)
     _thr, cut = fused._topk_threshold(x, b, int(0.3 * base.numel()), True, ranges, hists, 0)
     assert 2 * K.CH < cut < base.numel()

@@ -183,7 +183,7 @@ def gta_bits(bb: np.ndarray, xs: list[np.ndarray], idx: list[int], half: bool, m
     trim = [j for j in range(J) if sparsify == "magnitude" and dens[j] < 1.0 and max(1, int(dens[j] * n)) < n]
     if trim:  # pass 1: all the histograms in one read of the inputs
         ranges = [r for rs in blocks(n) for r in rs]
-        hists = np.empty((len(ranges), len(trim), 1 << 15), np.int32)  # (range, task vector, bucket)
+        hists = np.zeros((len(ranges), len(trim), 1 << 15), np.int32)  # (range, task vector, bucket)
         at = {lo: hists[i] for i, (lo, _hi) in enumerate(ranges)}
         run(_hist, n, at, bb, *_pack([xs[j] for j in trim]), half, release=release)
         found = _map(lambda q: _topk_threshold(xs[trim[q]], bb, max(1, int(dens[trim[q]] * n)), half, ranges,
@@ -229,7 +229,7 @@ def _hist(at: dict, b, K_, *rest):
     thread's reusable scratch."""
     h4 = getattr(_scratch, "hist4", None)
     if h4 is None:
-        h4 = _scratch.hist4 = np.empty((MAXK, 4, 1 << 15), np.int32)
+        h4 = _scratch.hist4 = np.zeros((MAXK, 4, 1 << 15), np.int32)  # the kernel leaves it zero
     lo, hi = rest[-2:]
     return K.delta_key_hist(b, K_, *rest[:-2], h4, at[lo], lo, hi)
 
