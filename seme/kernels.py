@@ -186,20 +186,24 @@ def linear_kernel(K, x0, x1, x2, x3, x4, x5, x6, x7, w, normalize, denom, half, 
     output (K + 1 counts)."""
     bad = np.zeros(K + 1, np.int64)
     acc = np.empty(CH, np.float32)
-    u = np.empty(CH, np.uint32)
-    f = u.view(np.float32)
+    half_out = half and out.itemsize == 4  # in the compute dtype first (a bfloat16 output: _store)
     for c0 in range(lo, hi, CH):
         m = min(CH, hi - c0)
         acc[:m] = 0
         for k in range(K):
-            bad[k] += _load(_pick(k, x0, x1, x2, x3, x4, x5, x6, x7), c0, m, u)
+            x = _pick(k, x0, x1, x2, x3, x4, x5, x6, x7)
+            sh = np.uint32((4 - x.itemsize) * 8)
+            s = x[c0 : c0 + m]  # index a slice from 0: no wraparound checks, so the loop vectorizes
             wk = w[k]
+            nb = 0
             for i in range(m):
-                acc[i] = acc[i] + wk * f[i]  # fused multiply-add, as torch's add_(alpha=)
-        if normalize:
-            for i in range(m):
-                acc[i] = acc[i] / denom
-        _rnd(acc.view(np.uint32), m, half and out.itemsize == 4)  # in the compute dtype first
+                u = np.uint32(np.uint32(s[i]) << sh)
+                nb += (u & EXP) == EXP
+                acc[i] = acc[i] + wk * _u2f(u)  # fused multiply-add, as torch's add_(alpha=)
+            bad[k] += nb
+        for i in range(m):
+            a = acc[i] / denom if normalize else acc[i]
+            acc[i] = _r16(a, half_out)
         bad[K] += _store(acc.view(np.uint32), m, out, c0)
     return bad
 
@@ -260,6 +264,14 @@ def _task_vector(x, c0, m, fb, d, half, kmask, sparsify, thr, cj, k1, k2, dthr, 
             v = _r16(_u2f(u) - fb[i], half)
             v = v if _dare_keep(c0 + i, k1, k2, dthr) else np.float32(0.0)
             v = _r16(_r16(v * sm, half) / sd, half)
+            d[i] = _r16(v * wj, half)
+    elif np.isnan(smul) and np.isnan(sdiv):  # no rescale (the common case): no divide at all
+        for i in range(m):
+            u = np.uint32(np.uint32(s[i]) << sh)
+            bad += (u & EXP) == EXP
+            v = _r16(_u2f(u) - fb[i], half)
+            key = _f2u(v) & kmask
+            v = v if (key > t) | ((key == t) & (i < cj)) else np.float32(0.0)
             d[i] = _r16(v * wj, half)
     else:
         for i in range(m):
