@@ -287,7 +287,7 @@ def run_merge(
         b = one(base) if base is not None else None
         return b, [b if (base is not None and s is base) else one(s) for s in sources]
 
-    nxt: Future | None = None  # the prefetch thread's load of the next tensor (torch path)
+    nxt: Future | None = None  # the prefetch thread's load (or pass 1) of the next tensor
 
     def torch_tensor(i: int, name: str, odc: str) -> torch.Tensor:
         """Tensor ``i`` of the plan, merged by the torch methods (or SeMe, or the fused kernels on
@@ -330,30 +330,41 @@ def run_merge(
             check_finite(name, merged, "merge result")
         return merged
 
-    def bits_tensor(i: int, name: str, odc: str) -> np.ndarray:
-        """Tensor ``i`` of the plan, merged by the fused kernels straight from the memory-mapped
-        files (no torch): the output's raw bits, checked for NaN/Inf by the kernel."""
-        if i + 1 < len(plan):
-            for ck in inputs:  # asynchronous read-ahead of the next tensor
-                ck.prefetch(plan[i + 1][0])
+    def bits_prepare(i: int):
+        """Everything tensor ``i`` needs before its output is computed: its arrays over the
+        memory maps, its parameters, and pass 1 of two-pass methods (TIES's thresholds, L1
+        norms). Runs on the prefetch thread while the previous tensor's pass 2 runs. Returns
+        ``finish(o, release) -> bad``, or the anchor's bits for integer buffers."""
+        name = plan[i][0]
+        for ck in inputs:  # asynchronous read-ahead of this tensor
+            ck.prefetch(name)
         arrays = {id(ck): ck.array(name) for ck in inputs}
         if anchor.st_dtype(name) not in FLOAT_CODES:  # integer buffers: keep the anchor's
             return arrays[id(anchor)]
         t = arch.t_of(name)
         gp = resolver.global_params(name, t)
         mp = [resolver.model_params(k, name, t) for k in range(len(sources))]
-        o = outputs.take_bits(math.prod(anchor.shape(name)), odc)
         xs = [arrays[id(s)] for s in sources]
-        release = partial(_release_entries, inputs, name)
+        half = compute_code == "BF16"
         if spec.name == "linear":
-            bad = kernels.linear_bits(xs, compute_code == "BF16", mp, gp, o, release)
-        else:
-            if base is None:
-                raise ConfigError(f"{spec.name} needs a base_model")
-            idx = [k for k, s in enumerate(sources) if s is not base]
-            bad = kernels.gta_bits(arrays[id(base)], xs, idx, compute_code == "BF16", mp, gp,
-                                   tensor_seed(cfg.seed, name), o, release, method=spec.name,
+            return partial(kernels.linear_bits, xs, half, mp, gp)
+        if base is None:
+            raise ConfigError(f"{spec.name} needs a base_model")
+        idx = [k for k, s in enumerate(sources) if s is not base]
+        return kernels.gta_prepare(arrays[id(base)], xs, idx, half, mp, gp, tensor_seed(cfg.seed, name),
+                                   partial(_release_entries, inputs, name), method=spec.name,
                                    **kernels.BIT_METHODS[spec.name])
+
+    def bits_tensor(i: int, name: str, odc: str) -> np.ndarray:
+        """Tensor ``i`` of the plan, merged by the fused kernels straight from the memory-mapped
+        files (no torch): the output's raw bits, checked for NaN/Inf by the kernel."""
+        nonlocal nxt
+        finish = nxt.result()
+        nxt = prefetch.submit(bits_prepare, i + 1) if i + 1 < len(plan) else None
+        if isinstance(finish, np.ndarray):
+            return finish
+        o = outputs.take_bits(math.prod(anchor.shape(name)), odc)
+        bad = finish(o, partial(_release_entries, inputs, name))
         _raise_non_finite(name, bad, base, sources)
         return o
 
@@ -374,7 +385,9 @@ def run_merge(
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="seme-prefetch") as prefetch, \
                     ThreadPoolExecutor(max_workers=1, thread_name_prefix="seme-write") as wpool, \
                     ThreadPoolExecutor(max_workers=1, thread_name_prefix="seme-hash") as hpool:
-                if seme_merger is None and not bit_path:
+                if bit_path:
+                    nxt = prefetch.submit(bits_prepare, 0)
+                elif seme_merger is None:
                     nxt = prefetch.submit(load, plan[0][0], plan[0][2])
                 pending: list[Future] = []
                 for i, (name, _shape, odc) in enumerate(plan):

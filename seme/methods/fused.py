@@ -162,8 +162,18 @@ def gta_bits(bb: np.ndarray, xs: list[np.ndarray], idx: list[int], half: bool, m
              consensus: bool) -> dict:
     """:func:`seme.methods.gta.gta_merge` (task arithmetic, TIES, DARE) on bit arrays: the base
     ``bb``, the inputs ``xs`` of which ``idx`` are task vectors (the others are the base itself),
-    into ``o``, computing in bfloat16 when ``half`` (else float32). Pass 1 computes each task vector's trim threshold (radix select) or DARE key and
-    the L1 factors; pass 2 is one kernel over all inputs. ``seed``: the tensor's seed (DARE)."""
+    into ``o``, computing in bfloat16 when ``half`` (else float32). ``seed``: the tensor's seed
+    (DARE). ``gta_prepare`` then its result."""
+    return gta_prepare(bb, xs, idx, half, mp, gp, seed, release, method=method, sparsify=sparsify,
+                       consensus=consensus)(o, release)
+
+
+def gta_prepare(bb: np.ndarray, xs: list[np.ndarray], idx: list[int], half: bool, mp: list[dict], gp: dict,
+                seed: int | None, release=None, *, method: str, sparsify: str | None, consensus: bool):
+    """Pass 1 of ``gta_bits``: the checked parameters, each task vector's trim threshold (radix
+    select) or DARE key, and the L1 factors. Returns ``finish(o, release) -> bad``, pass 2: one
+    kernel over all inputs into the output bits ``o``. The executor runs pass 1 of the next tensor
+    while pass 2 of this one runs."""
     normalize, lam, rescale, weights, dens = gta.checked_params(method, idx, mp, gp, sparsify)
     if sparsify == "random" and seed is None:
         raise ValueError(f"{method}: a seed is required for DARE masks")
@@ -213,12 +223,16 @@ def gta_bits(bb: np.ndarray, xs: list[np.ndarray], idx: list[int], half: bool, m
     ndiv = torch_sum(w, half)
     if abs(ndiv) < in_dtype([1e-8], half)[0]:
         ndiv = np.float32(1.0)
-    tot = _total(run(K.gta_kernel, n, bb, *_pack(xs), w, sp, thr, cut, k1, k2, dthr, smul, sdiv, consensus,
-                     normalize, np.float32(ndiv), np.float32(lam), half, o, release=release))
-    src = [0] * n_inputs
-    for j, i in enumerate(idx):
-        src[i] = int(tot[1 + j])
-    return {"base": int(tot[0]), "sources": src, "out": int(tot[-1])}
+
+    def finish(o: np.ndarray, release=None) -> dict:
+        tot = _total(run(K.gta_kernel, n, bb, *_pack(xs), w, sp, thr, cut, k1, k2, dthr, smul, sdiv, consensus,
+                         normalize, np.float32(ndiv), np.float32(lam), half, o, release=release))
+        src = [0] * n_inputs
+        for j, i in enumerate(idx):
+            src[i] = int(tot[1 + j])
+        return {"base": int(tot[0]), "sources": src, "out": int(tot[-1])}
+
+    return finish
 
 
 _scratch = threading.local()
