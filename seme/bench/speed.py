@@ -339,6 +339,9 @@ def bench_scale(scale: str, args: argparse.Namespace, bins: dict[str, str], log=
                     if rec["rc"] != 0:
                         raise RuntimeError(f"{tool} {method} failed (rc {rec['rc']}); see {log_path}")
                     rec["out_files"] = sorted(p.name for p in out.glob("*.safetensors"))
+                    if tool == "seme":  # which executor ran: torch-free kernels, kernels on torch, torch
+                        man = json.loads((out / "seme_manifest.json").read_text())
+                        rec["engine"] = man.get("engine")
                     shutil.rmtree(out, ignore_errors=True)
                 rec["run"] = r
                 if r >= 0:
@@ -351,6 +354,7 @@ def bench_scale(scale: str, args: argparse.Namespace, bins: dict[str, str], log=
             "k_inputs": len(inputs),
             "runs": runs,
             "median": {t: _medians(v) for t, v in runs.items() if v},
+            "seme_engine": sorted({r.get("engine") or "?" for r in runs["seme"]}),
         }
     cache_after = page_cache_fraction(all_files)
     shutil.rmtree(work, ignore_errors=True)
@@ -505,8 +509,9 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"safetensors {v['safetensors']}, transformers {v['transformers']}, Python {env['python']}"),
         (f"- load average (1/5/15 min) at start: {', '.join(f'{x:.2f}' for x in env['loadavg_start'])}; "
         f"at end: {', '.join(f'{x:.2f}' for x in result['loadavg_end'])}"),
-        (f"- `python -c 'import torch'`: {result['import_torch_s']:.2f} s (median of 5): the fixed cost of "
-         "both tools before the first byte is read" if result.get("import_torch_s") else "- import floor: n/a"),
+        (f"- `python -c 'import torch'`: {result['import_torch_s']:.2f} s (median of 5): a fixed cost of "
+         "mergekit, and of seme where it runs on torch (engine `kernels` or `torch` below; the `kernels, "
+         "torch-free` engine never imports torch)" if result.get("import_torch_s") else "- import floor: n/a"),
         f"- `seme --help`: {result['help_s']:.3f} s (median of 5); code: "
         + (f"commit {env['git']['commit']}" + (f", uncommitted changes in {', '.join(env['git']['dirty'])}"
                                                  if env["git"]["dirty"] else "") if env.get("git") else "n/a"),
@@ -538,12 +543,13 @@ def render_markdown(result: dict[str, Any]) -> str:
                       if max(loads) > (result["environment"]["cpus"] or 1) else
                       f"1-minute load average during the runs: {min(loads):.1f}–{max(loads):.1f}", ""]
         mk = [t for t in sr["tools"] if t.startswith("mergekit")]
-        head = ["method", "K", "seme wall s", *[f"{t} wall s" for t in mk], *[f"speed-up vs {t}" for t in mk],
+        head = ["method", "K", "seme engine", "seme wall s", *[f"{t} wall s" for t in mk], *[f"speed-up vs {t}" for t in mk],
                 "I/O limit s", "seme CPU s", *[f"{t} CPU s" for t in mk], "seme peak RSS MB",
                 *[f"{t} peak RSS MB" for t in mk], "RSS target MB"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for row in summ["rows"]:
-            cells = [row["method"], str(row["k_inputs"]), f"{row['seme']['wall_s']:.2f}",
+            engine = " / ".join(sr["methods"][row["method"]].get("seme_engine", ["?"]))
+            cells = [row["method"], str(row["k_inputs"]), engine, f"{row['seme']['wall_s']:.2f}",
                      *[f"{row[t]['wall_s']:.2f}" if t in row else "–" for t in mk],
                      *[f"{row['speedup_' + t]:.2f}×" if t in row else "–" for t in mk],
                      "–" if row["io_limit"] is None else f"{row['io_limit']:.2f}",

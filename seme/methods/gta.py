@@ -13,8 +13,9 @@ All four share one recipe (mergekit 0.1.5, merge_methods/generalized_task_arithm
 6. θ = θ_base + Δ.
 
 Steps run in the compute dtype in mergekit's order, so results agree with mergekit bit for bit on
-the deterministic methods (up to summation order in float32). DARE draws its masks from the given
-per-tensor generator, so they are reproducible and independent of tensor order and thread count.
+the deterministic methods (up to summation order in float32). DARE's masks are a hash of
+(key, entry index) with keys from the per-tensor seed (``dare_keys``), so they are reproducible and
+independent of tensor order, blocks and thread count.
 """
 
 from __future__ import annotations
