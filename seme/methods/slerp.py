@@ -32,14 +32,22 @@ def slerp_coefficients(t: float, x: torch.Tensor, y: torch.Tensor) -> tuple[torc
     tt = torch.tensor(t, dtype=dtype, device=x.device)
     spans = [(i, min(i + CHUNK, x.numel())) for i in range(0, x.numel(), CHUNK)]
 
+    # Two reused chunk buffers: a fresh float32 temporary per op and chunk cost a page fault per
+    # 4 KiB (allocations this large are mmap'ed), which made SLERP's time mostly system time.
+    sa, sb = (torch.empty(min(CHUNK, x.numel()), dtype=dtype, device=x.device) for _ in range(2))
+
     def norm(v: torch.Tensor) -> torch.Tensor:
-        parts = torch.stack([torch.linalg.vector_norm(v[i:j].to(dtype)) for i, j in spans])
+        parts = torch.stack([torch.linalg.vector_norm(sa[: j - i].copy_(v[i:j])) for i, j in spans])
         n = torch.linalg.vector_norm(parts)
         return torch.where(n > NORM_EPS, n, 1)
 
+    def dot_part(i: int, j: int) -> torch.Tensor:
+        a = sa[: j - i].copy_(x[i:j]).div_(na)  # (x / na) * (y / nb), op for op, in place
+        return a.mul_(sb[: j - i].copy_(y[i:j]).div_(nb)).sum()
+
     na, nb = norm(x), norm(y)
     # normalise before multiplying so the dot cannot overflow
-    dot = torch.stack([((x[i:j].to(dtype) / na) * (y[i:j].to(dtype) / nb)).sum() for i, j in spans])
+    dot = torch.stack([dot_part(i, j) for i, j in spans])
     dot = dot.sum().clamp(-1, 1)
     if dot.abs() > DOT_THRESHOLD:
         return 1 - tt, tt, spans
