@@ -93,11 +93,10 @@ _opts = {"nogil": True, "cache": True, "fastmath": False, "error_model": "numpy"
 @njit(inline="always", **_opts)
 def _load(src, lo, m, dst):
     """Bits of src[lo:lo+m] as float32 bits into ``dst`` (uint32); returns # non-finite."""
-    sh = np.uint32((4 - src.itemsize) * 8)
-    s = src[lo : lo + m]  # index a slice from 0: no negative-index wraparound check, so it vectorizes
+    s, sh = _chunk(src, lo, m)
     bad = 0
     for i in range(m):
-        u = np.uint32(s[i]) << sh
+        u = _wide(s[i], sh)
         dst[i] = u
         bad += (u & EXP) == EXP
     return bad
@@ -153,6 +152,19 @@ def _pick(j, x0, x1, x2, x3, x4, x5, x6, x7):
 
 
 @njit(inline="always", **_opts)
+def _chunk(x, c0, m):
+    """``x[c0:c0+m]`` indexed from 0 (no wraparound checks, so loops over it vectorize) and the
+    shift that widens its entries (bfloat16 or float32 bits) to float32 bits."""
+    return x[c0 : c0 + m], np.uint32((4 - x.itemsize) * 8)
+
+
+@njit(inline="always", **_opts)
+def _wide(v, sh):
+    """One entry's bits widened to float32 bits (``sh`` from ``_chunk``)."""
+    return np.uint32(np.uint32(v) << sh)
+
+
+@njit(inline="always", **_opts)
 def _r16(x, half):
     """The float32 ``x`` rounded to bfloat16 (nearest even, as torch) when ``half``; else ``x``."""
     u = _f2u(x)
@@ -192,12 +204,11 @@ def linear_kernel(K, x0, x1, x2, x3, x4, x5, x6, x7, w, normalize, denom, half, 
         acc[:m] = 0
         for k in range(K):
             x = _pick(k, x0, x1, x2, x3, x4, x5, x6, x7)
-            sh = np.uint32((4 - x.itemsize) * 8)
-            s = x[c0 : c0 + m]  # index a slice from 0: no wraparound checks, so the loop vectorizes
+            s, sh = _chunk(x, c0, m)
             wk = w[k]
             nb = 0
             for i in range(m):
-                u = np.uint32(np.uint32(s[i]) << sh)
+                u = _wide(s[i], sh)
                 nb += (u & EXP) == EXP
                 acc[i] = acc[i] + wk * _u2f(u)  # fused multiply-add, as torch's add_(alpha=)
             bad[k] += nb
@@ -246,8 +257,7 @@ def _task_vector(x, c0, m, fb, d, half, kmask, sparsify, thr, cj, k1, k2, dthr, 
     """One source's weighted, sparsified task vector on a chunk, in one pass: d[:m] = w·(rescaled
     (masked (x − b))), each op rounded to the compute dtype where the reference rounds. ``fb``: the
     base chunk (float32); ``cj``: the tie cut relative to the chunk. Returns # non-finite in x."""
-    sh = np.uint32((4 - x.itemsize) * 8)
-    s = x[c0 : c0 + m]  # index a slice from 0: no wraparound checks, so the loop vectorizes
+    s, sh = _chunk(x, c0, m)
     # Branch-free, so the loop vectorizes: no trim is the trim that keeps every key (key ≥ 0 = t,
     # before cut m); no rescale multiplies and divides by 1, which is exact.
     if sparsify == SP_MAGNITUDE and thr >= 0:
@@ -259,7 +269,7 @@ def _task_vector(x, c0, m, fb, d, half, kmask, sparsify, thr, cj, k1, k2, dthr, 
     bad = 0
     if sparsify == SP_RANDOM:
         for i in range(m):
-            u = np.uint32(np.uint32(s[i]) << sh)
+            u = _wide(s[i], sh)
             bad += (u & EXP) == EXP
             v = _r16(_u2f(u) - fb[i], half)
             v = v if _dare_keep(c0 + i, k1, k2, dthr) else np.float32(0.0)
@@ -267,7 +277,7 @@ def _task_vector(x, c0, m, fb, d, half, kmask, sparsify, thr, cj, k1, k2, dthr, 
             d[i] = _r16(v * wj, half)
     elif np.isnan(smul) and np.isnan(sdiv):  # no rescale (the common case): no divide at all
         for i in range(m):
-            u = np.uint32(np.uint32(s[i]) << sh)
+            u = _wide(s[i], sh)
             bad += (u & EXP) == EXP
             v = _r16(_u2f(u) - fb[i], half)
             key = _f2u(v) & kmask
@@ -275,7 +285,7 @@ def _task_vector(x, c0, m, fb, d, half, kmask, sparsify, thr, cj, k1, k2, dthr, 
             d[i] = _r16(v * wj, half)
     else:
         for i in range(m):
-            u = np.uint32(np.uint32(s[i]) << sh)
+            u = _wide(s[i], sh)
             bad += (u & EXP) == EXP
             v = _r16(_u2f(u) - fb[i], half)
             key = _f2u(v) & kmask
@@ -395,12 +405,11 @@ def delta_key_hist(b, K, x0, x1, x2, x3, x4, x5, x6, x7, half, hist4, hist, lo, 
         _load(b, c0, m, ub)
         for j in range(K):
             x = _pick(j, x0, x1, x2, x3, x4, x5, x6, x7)
-            sh = np.uint32((4 - x.itemsize) * 8)
-            s = x[c0 : c0 + m]  # index a slice from 0: no wraparound checks, so the loop vectorizes
+            s, sh = _chunk(x, c0, m)
             kl = np.uint32(kmin[j])
             kh = np.uint32(kmax[j])
             for i in range(m):
-                v = _r16(_u2f(np.uint32(np.uint32(s[i]) << sh)) - fb[i], half)
+                v = _r16(_u2f(_wide(s[i], sh)) - fb[i], half)
                 k = np.uint32((_f2u(v) & np.uint32(0x7FFFFFFF)) >> np.uint32(16))
                 u[i] = k
                 kl = min(kl, k)
@@ -456,20 +465,18 @@ def delta_nth_equal(t, b, thr16, need, lo, hi):
 
     Counts the matches a chunk at a time (a vectorized count), and walks entry by entry only in
     the chunk that holds the answer."""
-    st_ = np.uint32((4 - t.itemsize) * 8)
-    sb_ = np.uint32((4 - b.itemsize) * 8)
     mask = np.uint32(0x7FFFFFFF)
     for c0 in range(lo, hi, CH):
         m = min(CH, hi - c0)
-        xt = t[c0 : c0 + m]  # index slices from 0: no wraparound checks, so the loops vectorize
-        xb = b[c0 : c0 + m]
+        xt, st_ = _chunk(t, c0, m)
+        xb, sb_ = _chunk(b, c0, m)
         c = 0
         for i in range(m):
-            v = _r16(_u2f(np.uint32(np.uint32(xt[i]) << st_)) - _u2f(np.uint32(np.uint32(xb[i]) << sb_)), True)
+            v = _r16(_u2f(_wide(xt[i], st_)) - _u2f(_wide(xb[i], sb_)), True)
             c += ((_f2u(v) & mask) >> np.uint32(16)) == thr16
         if need < c:
             for i in range(m):
-                v = _r16(_u2f(np.uint32(np.uint32(xt[i]) << st_)) - _u2f(np.uint32(np.uint32(xb[i]) << sb_)), True)
+                v = _r16(_u2f(_wide(xt[i], st_)) - _u2f(_wide(xb[i], sb_)), True)
                 if ((_f2u(v) & mask) >> np.uint32(16)) == thr16:
                     if need == 0:
                         return c0 + i
@@ -499,8 +506,7 @@ def delta_l1(b, K, x0, x1, x2, x3, x4, x5, x6, x7, sparsify, thr, cut, k1, k2, d
         _load(b, c0, m, ub)
         for j in range(K):
             x = _pick(j, x0, x1, x2, x3, x4, x5, x6, x7)
-            sh = np.uint32((4 - x.itemsize) * 8)
-            s = x[c0 : c0 + m]  # index a slice from 0: no wraparound checks, so the loop vectorizes
+            s, sh = _chunk(x, c0, m)
             if sparsify == SP_MAGNITUDE:
                 if thr[j] >= 0:
                     t = np.uint32(thr[j] << 16) if half else np.uint32(thr[j])
@@ -508,13 +514,13 @@ def delta_l1(b, K, x0, x1, x2, x3, x4, x5, x6, x7, sparsify, thr, cut, k1, k2, d
                 else:
                     t, cj = np.uint32(0), np.int64(m)
                 for i in range(m):
-                    v = _r16(_u2f(np.uint32(np.uint32(s[i]) << sh)) - fb[i], half)
+                    v = _r16(_u2f(_wide(s[i], sh)) - fb[i], half)
                     key = _f2u(v) & kmask
                     f[i] = abs(v)
                     keep[i] = one if (key > t) | ((key == t) & (i < cj)) else zero
             else:
                 for i in range(m):
-                    v = _r16(_u2f(np.uint32(np.uint32(s[i]) << sh)) - fb[i], half)
+                    v = _r16(_u2f(_wide(s[i], sh)) - fb[i], half)
                     f[i] = abs(v)
                     keep[i] = one if _dare_keep(c0 + i, k1[j], k2[j], dthr[j]) else zero
             sb0, sb1, sb2, sb3, sa0, sa1, sa2, sa3 = sums[j]
