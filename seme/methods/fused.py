@@ -351,9 +351,8 @@ def slerp(b, ts, mp, gp, rng, od, release=None, out=None) -> tuple[torch.Tensor,
     n = x.size
     if n == 0:
         return b.clone(), {"base": 0, "sources": [0] * len(ts), "out": 0}
-    ca, cb, _ = slerp_coefficients(t, b.reshape(-1), ts[others[0]].reshape(-1))  # the reference's sums
-    if release is not None:  # the sums mapped both inputs whole: give the pages back before the lerp
-        release(0, n)
+    # the reference's sums; each chunk's input pages go back as soon as a pass is done with them
+    ca, cb, _ = slerp_coefficients(t, b.reshape(-1), ts[others[0]].reshape(-1), done=release)
     out, o = _out(b.shape, od, out)
     tot = _total(run(K.lerp_kernel, n, x, y, np.float32(float(ca)), np.float32(float(cb)), o, release=release))
     src = [0] * len(ts)

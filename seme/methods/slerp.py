@@ -22,11 +22,13 @@ NORM_EPS = 1e-8
 CHUNK = 1 << 20  # entries per chunk of float32 scratch
 
 
-def slerp_coefficients(t: float, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list]:
+def slerp_coefficients(t: float, x: torch.Tensor, y: torch.Tensor, done=None) -> tuple[torch.Tensor, torch.Tensor, list]:
     """(c_a, c_b, chunks) with θ = c_a·x + c_b·y for the flat, non-empty ``x`` (t = 0) and ``y``.
 
     The norms and the dot are summed per chunk in the same order as mergekit, which makes the
     coefficients (ill-conditioned near collinearity) agree; the fused CPU kernels use them too.
+    ``done(lo, hi)``, if given, is called after each chunk's last use in each pass (the executor
+    gives the inputs' pages of that chunk back, so the two inputs are never resident whole).
     """
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     tt = torch.tensor(t, dtype=dtype, device=x.device)
@@ -36,14 +38,19 @@ def slerp_coefficients(t: float, x: torch.Tensor, y: torch.Tensor) -> tuple[torc
     # 4 KiB (allocations this large are mmap'ed), which made SLERP's time mostly system time.
     sa, sb = (torch.empty(min(CHUNK, x.numel()), dtype=dtype, device=x.device) for _ in range(2))
 
+    def used(part: torch.Tensor, i: int, j: int) -> torch.Tensor:
+        if done is not None:
+            done(i, j)
+        return part
+
     def norm(v: torch.Tensor) -> torch.Tensor:
-        parts = torch.stack([torch.linalg.vector_norm(sa[: j - i].copy_(v[i:j])) for i, j in spans])
+        parts = torch.stack([used(torch.linalg.vector_norm(sa[: j - i].copy_(v[i:j])), i, j) for i, j in spans])
         n = torch.linalg.vector_norm(parts)
         return torch.where(n > NORM_EPS, n, 1)
 
     def dot_part(i: int, j: int) -> torch.Tensor:
         a = sa[: j - i].copy_(x[i:j]).div_(na)  # (x / na) * (y / nb), op for op, in place
-        return a.mul_(sb[: j - i].copy_(y[i:j]).div_(nb)).sum()
+        return used(a.mul_(sb[: j - i].copy_(y[i:j]).div_(nb)).sum(), i, j)
 
     na, nb = norm(x), norm(y)
     # normalise before multiplying so the dot cannot overflow
