@@ -62,11 +62,15 @@ def _call(name, gp, w, d, base, fts):
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("coarse", [False, True])
-def test_fused_equals_torch_bit_for_bit(monkeypatch, case, dtype, coarse):
+@pytest.mark.parametrize("shape", [(67, 1031), (37, 211)], ids=["69077", "7807"])
+def test_fused_equals_torch_bit_for_bit(monkeypatch, case, dtype, coarse, shape):
+    """69077 entries: not a multiple of a chunk, above ``fused.SMALL`` (TIES thresholds from the
+    histograms); 7807: below it (from a numpy partition)."""
     monkeypatch.setattr(fused, "BLOCK", 4 * K.CH)  # several blocks, and thread ranges inside them
     monkeypatch.setenv("SEME_THREADS", "3")
     name, gp, w, d = case
-    base, fts = _inputs(dtype, (67, 1031), coarse)  # 69077 entries: not a multiple of a chunk
+    assert (shape[0] * shape[1] <= fused.SMALL) == (shape == (37, 211))
+    base, fts = _inputs(dtype, shape, coarse)
     ref, out, bad = _call(name, gp, w, d, base, fts)
     assert out.dtype == ref.dtype and out.shape == ref.shape
     assert torch.equal(out.view(torch.uint8), ref.view(torch.uint8)), (name, gp, dtype, coarse)
