@@ -253,17 +253,24 @@ SP_NONE, SP_MAGNITUDE, SP_RANDOM = 0, 1, 2
 
 
 @njit(inline="always", **_opts)
+def _trim_bound(thr, cj, half, m):
+    """(t, cj) of a top-k trim on one chunk, in the kernels' magnitude-key bits: keep key > t,
+    or key == t before index cj. ``thr`` < 0 (no trim) gives the bound that keeps every key of an
+    ``m``-entry chunk: key ≥ 0 = t, before m."""
+    if thr < 0:
+        return np.uint32(0), np.int64(m)
+    return (np.uint32(thr << 16) if half else np.uint32(thr)), np.int64(cj)
+
+
+@njit(inline="always", **_opts)
 def _task_vector(x, c0, m, fb, d, half, kmask, sparsify, thr, cj, k1, k2, dthr, smul, sdiv, wj):
     """One source's weighted, sparsified task vector on a chunk, in one pass: d[:m] = w·(rescaled
     (masked (x − b))), each op rounded to the compute dtype where the reference rounds. ``fb``: the
     base chunk (float32); ``cj``: the tie cut relative to the chunk. Returns # non-finite in x."""
     s, sh = _chunk(x, c0, m)
-    # Branch-free, so the loop vectorizes: no trim is the trim that keeps every key (key ≥ 0 = t,
-    # before cut m); no rescale multiplies and divides by 1, which is exact.
-    if sparsify == SP_MAGNITUDE and thr >= 0:
-        t = np.uint32(thr << 16) if half else np.uint32(thr)
-    else:
-        t, cj = np.uint32(0), np.int64(m)
+    # Branch-free, so the loop vectorizes: no trim is the trim that keeps every key; no rescale
+    # multiplies and divides by 1, which is exact.
+    t, cj = _trim_bound(thr if sparsify == SP_MAGNITUDE else -1, cj, half, m)
     sm = smul if not np.isnan(smul) else np.float32(1.0)
     sd = sdiv if np.isnan(smul) and not np.isnan(sdiv) else np.float32(1.0)
     bad = 0
@@ -508,11 +515,7 @@ def delta_l1(b, K, x0, x1, x2, x3, x4, x5, x6, x7, sparsify, thr, cut, k1, k2, d
             x = _pick(j, x0, x1, x2, x3, x4, x5, x6, x7)
             s, sh = _chunk(x, c0, m)
             if sparsify == SP_MAGNITUDE:
-                if thr[j] >= 0:
-                    t = np.uint32(thr[j] << 16) if half else np.uint32(thr[j])
-                    cj = cut[j] - c0
-                else:
-                    t, cj = np.uint32(0), np.int64(m)
+                t, cj = _trim_bound(thr[j], cut[j] - c0, half, m)
                 for i in range(m):
                     v = _r16(_u2f(_wide(s[i], sh)) - fb[i], half)
                     key = _f2u(v) & kmask

@@ -47,6 +47,7 @@ from seme.checkpoint import (
 from seme.config import MergeConfig, ParamResolver
 from seme.errors import CheckpointError, ConfigError
 from seme.fsutil import atomic_dir, sha256_file
+from seme.methods import gta
 
 HASH_CACHE_ENV = "SEME_HASH_CACHE"  # directory of cached input digests; "off" disables the cache
 #: Methods whose output entry depends only on the same entry of the inputs. Their tensors are merged
@@ -60,9 +61,9 @@ CHUNK_BYTES = 256 << 10
 KERNELS_ENV = "SEME_KERNELS"
 FUSED_CODES = ("BF16", "F32")  # compute and output dtypes the fused kernels take
 _RAW_BITS = {2: np.uint16, 4: np.uint32}
-#: methods the torch-free path can run (``seme.methods.fused.BIT_METHODS``, named here so that
-#: deciding needs no numba import)
-BIT_METHODS = frozenset({"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear"})
+#: methods the torch-free path can run (``seme.methods.fused.BIT_METHODS``, from the same table,
+#: so that deciding needs no numba import)
+BIT_METHODS = frozenset({"linear", *gta.VARIANTS})
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +251,8 @@ def run_merge(
     for n in anchor.names:
         src = anchor.st_dtype(n)
         plan.append((n, anchor.shape(n), (out_code or src) if src in FLOAT_CODES else src))
-    bit_path = _bits_path(spec.name, device, compute_code, plan, sources, base)
+    inputs = list({id(c): c for c in ([base] if base else []) + sources}.values())  # distinct checkpoints
+    bit_path = _bits_path(spec.name, device, compute_code, plan, inputs, sources, base)
     dev = "cpu" if bit_path else resolve_device(device)
     uris = ([(cfg.base_model, base)] if base else []) + [(m.model, s) for m, s in zip(cfg.models, sources)]
     hasher = _InputHasher(uris)
@@ -266,7 +268,6 @@ def run_merge(
 
     resolver = ParamResolver(cfg, spec.global_params, spec.model_params)
 
-    inputs = list({id(c): c for c in ([base] if base else []) + sources}.values())
     fused = None
     if not bit_path:
         compute_dtype = torch_dtype(compute_code)
@@ -446,7 +447,7 @@ def run_merge(
         (tmp / "README.md").write_text(model_card(manifest))
         manifest["files"] = file_records(tmp, [*files, *side, *artifacts, "README.md"], known=writer.sha256s())
         (tmp / "seme_manifest.json").write_text(json.dumps(manifest, indent=2))
-    for ck in {id(c): c for c in ([base] if base else []) + sources}.values():
+    for ck in inputs:
         ck.close()
     return MergeResult(Path(out_dir), manifest, seconds, manifest["peak_rss_bytes"], len(plan), written, extra)
 
@@ -475,8 +476,8 @@ def fused_method(name: str, dev: torch.device, compute_code: str | None, n_sourc
     return fused.get(name) if fused is not None and n_sources <= fused.MAXK else None
 
 
-def _bits_path(method: str, device: str, compute_code: str | None, plan: list, sources: list[Checkpoint],
-               base: Checkpoint | None) -> bool:
+def _bits_path(method: str, device: str, compute_code: str | None, plan: list, inputs: list[Checkpoint],
+               sources: list[Checkpoint], base: Checkpoint | None) -> bool:
     """Whether this merge runs on the fused kernels straight from the memory-mapped files, without
     torch (``import torch`` alone costs more than a 135M-parameter merge): a classic method the
     kernels implement bit for bit (not SLERP, whose coefficients are torch's sums), on the CPU,
@@ -488,7 +489,6 @@ def _bits_path(method: str, device: str, compute_code: str | None, plan: list, s
         return False
     if compute_code not in FUSED_CODES or _kernels_off() or os.environ.get(KERNELS_ENV, "").lower() == "torch":
         return False
-    inputs = list({id(c): c for c in ([base] if base else []) + sources}.values())
     if method != "linear" and base is not None and all(s is base for s in sources):
         return False  # nothing but the base to merge: the torch path handles that corner
     for name, _shape, odc in plan:

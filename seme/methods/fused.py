@@ -318,13 +318,7 @@ def _topk_threshold(x: np.ndarray, b: np.ndarray, k: int, half: bool, ranges: li
 
 
 #: the methods the torch-free path runs (SLERP's coefficients come from torch's sums)
-BIT_METHODS = {
-    "linear": None,
-    "task_arithmetic": {"sparsify": None, "consensus": False},
-    "ties": {"sparsify": "magnitude", "consensus": True},
-    "dare_ties": {"sparsify": "random", "consensus": True},
-    "dare_linear": {"sparsify": "random", "consensus": False},
-}
+BIT_METHODS = {"linear": None, **gta.VARIANTS}
 
 
 # --- the torch functions ------------------------------------------------------------------------

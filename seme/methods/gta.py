@@ -523,12 +523,16 @@ def ties_block(state: dict, base: torch.Tensor, tensors: list[torch.Tensor], row
 _GLOBAL = {"normalize": False, "lambda": 1.0, "rescale": False, "int8_mask": False}
 _MODEL = {"weight": 1.0, "density": 1.0}
 
-for _name, _sparsify, _consensus, _normalize, _rescale, _desc in (
+_METHODS = (  # name, sparsify, consensus, default normalize, default rescale, description
     ("task_arithmetic", None, False, False, False, "base + Σ w·(θ−base) (arXiv:2212.04089)"),
     ("ties", "magnitude", True, True, False, "trim, elect sign, disjoint merge (arXiv:2306.01708)"),
     ("dare_ties", "random", True, False, True, "DARE drop + TIES sign election (arXiv:2311.03099)"),
     ("dare_linear", "random", False, False, True, "DARE drop + task arithmetic (arXiv:2311.03099)"),
-):
+)
+#: each method's sparsification and sign consensus (the fused kernels and the executor read it too)
+VARIANTS: dict[str, dict] = {m[0]: {"sparsify": m[1], "consensus": m[2]} for m in _METHODS}
+
+for _name, _sparsify, _consensus, _normalize, _rescale, _desc in _METHODS:
     register(
         MethodSpec(
             name=_name,
