@@ -33,6 +33,8 @@ COMMAND_MODULES = (
     "storage",
     "gate",
     "registry",
+    "registry_model",
+    "pilot",
     "pipeline",
 )
 
