@@ -219,7 +219,7 @@ def build_merge_pipeline(opts: ClusterOptions | None = None):
             for r in (reg, reg_failed):
                 _retried(r, opts)
                 _resources(r, "500m", "1Gi", "2", "4Gi")
-                _settings_env(r, opts, s3=False)
+                _settings_env(r, opts, s3=True)  # writes the MLflow wrapper next to the published weights
 
     return merge_pipeline
 

@@ -25,7 +25,6 @@ verifies before it loads. Runs are named ``<method>-<registered name>-<config di
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -47,6 +46,7 @@ TASK = "text-generation"
 WRAPPER_DIR = "components"
 TAG_LOCATION, TAG_MODEL_ID = "seme.location", "seme.model_id"
 TAG_MANIFEST_SHA, TAG_WRAPPER = "seme.manifest_sha256", "seme.mlflow_files"
+TAG_MLFLOW_MODEL = "seme.mlflow_model"
 #: generation defaults the pyfunc flavor passes to the pipeline (overridable per call via params)
 PYFUNC_CONFIG = {"max_new_tokens": 32, "do_sample": False}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt")
@@ -107,7 +107,10 @@ def lineage(
         "metrics": registry.metrics_of(metrics) if metrics else {},
         "gate": None
         if gate is None
-        else {"passed": gate.get("passed") is True, **{k: gate[k] for k in ("verdict", "policy", "failures") if k in gate}},
+        else {
+            "passed": gate.get("passed") is True,
+            **{k: gate[k] for k in ("verdict", "policy", "failures") if k in gate},
+        },
         "location": location,
     }
 
@@ -117,15 +120,9 @@ def _torch_dtype(config: dict[str, Any]) -> str | None:
     return f"torch.{d}" if isinstance(d, str) and d in ("float32", "bfloat16", "float16") else None
 
 
-def write_wrapper(checkpoint: Path, out: Path, meta: dict[str, Any], model_id: str | None = None) -> dict[str, str]:
-    """Write the MLflow wrapper for ``checkpoint`` (config + tokenizer read; weights never loaded) into
-    ``out``; returns ``{relative path: sha256}`` of what was written."""
-    import transformers
-    from mlflow.models import Model
-    from mlflow.models.signature import ModelSignature
-    from mlflow.pyfunc import add_to_model
-    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
-    from mlflow.utils.environment import _mlflow_conda_env, _PythonEnv
+def describe(checkpoint: Path) -> tuple[dict[str, Any], list[str], Any]:
+    """``(config, architectures, tokenizer)`` of a checkpoint, or a RegistryError saying why it cannot
+    be served as a text-generation model (reads config and tokenizer only)."""
     from transformers import AutoTokenizer
 
     cfg_path = checkpoint / "config.json"
@@ -142,6 +139,22 @@ def write_wrapper(checkpoint: Path, out: Path, meta: dict[str, Any], model_id: s
             f"{checkpoint}: no usable tokenizer ({str(e).splitlines()[0][:200]}); "
             "a served text-generation model needs one (set tokenizer_source in the merge config)"
         ) from None
+    return config, archs, tok
+
+
+def write_wrapper(
+    checkpoint: Path, out: Path, meta: dict[str, Any], model_id: str | None = None
+) -> dict[str, str]:
+    """Write the MLflow wrapper for ``checkpoint`` (config + tokenizer read; weights never loaded) into
+    ``out``; returns ``{relative path: sha256}`` of what was written."""
+    import transformers
+    from mlflow.models import Model
+    from mlflow.models.signature import ModelSignature
+    from mlflow.pyfunc import add_to_model
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+    from mlflow.utils.environment import _mlflow_conda_env, _PythonEnv
+
+    config, archs, tok = describe(checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     tok.save_pretrained(str(out / WRAPPER_DIR / "tokenizer"))
 
@@ -160,9 +173,11 @@ def write_wrapper(checkpoint: Path, out: Path, meta: dict[str, Any], model_id: s
         inputs=Schema([ColSpec("string")]),
         outputs=Schema([ColSpec("string")]),
         params=ParamSchema(
-            [ParamSpec("max_new_tokens", "long", PYFUNC_CONFIG["max_new_tokens"]),
-             ParamSpec("do_sample", "boolean", PYFUNC_CONFIG["do_sample"])]
-        ),  # fmt: skip
+            [
+                ParamSpec("max_new_tokens", "long", PYFUNC_CONFIG["max_new_tokens"]),
+                ParamSpec("do_sample", "boolean", PYFUNC_CONFIG["do_sample"]),
+            ]
+        ),
     )
     model = Model(signature=signature, metadata={"seme": meta}, model_id=model_id)
     model.add_flavor("transformers", transformers_version=transformers.__version__, code=None, **flavor)
@@ -182,9 +197,7 @@ def write_wrapper(checkpoint: Path, out: Path, meta: dict[str, Any], model_id: s
     (out / "conda.yaml").write_text(yaml.safe_dump(_mlflow_conda_env(additional_pip_deps=reqs)))
     _PythonEnv.current().to_yaml(str(out / "python_env.yaml"))
     (out / "lineage.json").write_text(json.dumps(meta, indent=2, default=str))
-    return {
-        p.relative_to(out).as_posix(): sha256_file(p) for p in sorted(out.rglob("*")) if p.is_file()
-    }
+    return {p.relative_to(out).as_posix(): sha256_file(p) for p in sorted(out.rglob("*")) if p.is_file()}
 
 
 def _requirements() -> list[str]:
@@ -227,7 +240,9 @@ def _side_files(uri: str, manifest: dict[str, Any], dest: Path, endpoint_url: st
         try:
             s3.download_file(bucket, key, str(target))
         except Exception as e:  # noqa: BLE001 - boto/botocore raise many kinds
-            raise StorageError(f"s3://{bucket}/{key}: cannot download ({str(e).splitlines()[0][:200]})") from None
+            raise StorageError(
+                f"s3://{bucket}/{key}: cannot download ({str(e).splitlines()[0][:200]})"
+            ) from None
         if sha is not None and sha256_file(target) != sha:
             raise StorageError(f"s3://{bucket}/{key}: sha256 does not match {MANIFEST}")
     return dest
@@ -243,7 +258,9 @@ def _upload(src: Path, files: list[str], uri: str, endpoint_url: str | None) -> 
         try:
             s3.upload_file(str(src / rel), bucket, key)
         except Exception as e:  # noqa: BLE001
-            raise StorageError(f"uploading {rel} to s3://{bucket}/{key} failed ({str(e).splitlines()[0][:200]})") from None
+            raise StorageError(
+                f"uploading {rel} to s3://{bucket}/{key} failed ({str(e).splitlines()[0][:200]})"
+            ) from None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -266,9 +283,11 @@ def _flat_params(meta: dict[str, Any]) -> dict[str, str]:
         if meta.get(k) is not None:
             out[k] = str(meta[k])
     out["sources"] = json.dumps(meta["sources"])[:6000]
-    for k, v in (meta.get("parameters") or {}).get("global", {}).items() if isinstance(
-        (meta.get("parameters") or {}).get("global"), dict
-    ) else []:
+    for k, v in (
+        (meta.get("parameters") or {}).get("global", {}).items()
+        if isinstance((meta.get("parameters") or {}).get("global"), dict)
+        else []
+    ):
         out[f"params.global.{k}"] = json.dumps(v)[:6000]
     if meta.get("alignment"):
         out["alignment.sha256"] = str(meta["alignment"].get("sha256"))
@@ -289,12 +308,15 @@ def register_version(
     pipeline_run: str | None = None,
     tracking_uri: str | None = None,
     endpoint_url: str | None = None,
+    strict: bool = False,
 ) -> RegisteredVersion:
     """Log the merge run, create its LoggedModel, write the MLflow wrapper next to the weights and
     register a version of ``name`` pointing there (``pilot`` only when the gate passed).
 
     ``model_dir``: the merged checkpoint (local directory or published ``s3://`` prefix);
-    ``source_uri``: where the local ``model_dir`` was published (the pipeline's case).
+    ``source_uri``: where the local ``model_dir`` was published (the pipeline's case). A checkpoint
+    that cannot be served (no tokenizer or model class) is registered as plain files with a warning
+    and the version tag ``seme.mlflow_model = "no: <why>"``; ``strict`` makes that an error.
     """
     from mlflow.entities import LoggedModelStatus, Metric
 
@@ -307,24 +329,42 @@ def register_version(
     if location and not location.startswith("s3://"):
         raise RegistryError(f"{location}: a model location must be an s3:// prefix")
     manifest = registry.read_manifest(model_dir)
-    if not manifest.get("files"):
-        raise RegistryError(f"{model_dir}: no seme_manifest.json with files; only seme checkpoints can be registered")
     metrics_doc = _read_json(metrics, "metrics")
     gate_doc, _ = registry._gate_doc(gate)
     gate_ok = bool(gate_doc and gate_doc.get("passed") is True)
 
     with tempfile.TemporaryDirectory(prefix="seme-register-") as td:
         tmp = Path(td)
-        local = Path(model_dir) if not is_s3 else _side_files(str(model_dir), manifest, tmp / "side", endpoint_url)
-        if not (local / "seme_manifest.json").is_file():
-            raise RegistryError(f"{model_dir}: no seme_manifest.json")
-        manifest_sha = sha256_file(local / "seme_manifest.json")
         if run_id is None:
             run_id = registry.log_merge_run(
                 model_dir, metrics=metrics_doc, gate=gate, alignment_dir=alignment_dir, params=params,
                 run_name=run_name(str(manifest.get("method", "")), name, str(manifest.get("config_sha256", ""))),
                 pipeline_run=pipeline_run, tracking_uri=uri,
             )  # fmt: skip
+        try:
+            if not manifest.get("files"):
+                raise RegistryError(f"{model_dir}: no seme_manifest.json listing its files")
+            local = (
+                Path(model_dir)
+                if not is_s3
+                else _side_files(str(model_dir), manifest, tmp / "side", endpoint_url)
+            )
+            describe(local)
+        except RegistryError as e:
+            if strict:
+                raise
+            # Not servable or not guarded: registered as files, said loudly and tagged.
+            log.warning("%s; registering %s as plain files, not as an MLflow model", e, name)
+            vtags = {**(tags or {}), TAG_MLFLOW_MODEL: f"no: {e}"[:4000]}
+            version = registry.register_model(
+                str(model_dir), name, run_id, vtags, gate_ok, pipeline_run=pipeline_run, tracking_uri=uri,
+                source_uri=source_uri,
+            )  # fmt: skip
+            mv = registry.client(uri).get_model_version(name, version)
+            return RegisteredVersion(
+                name, str(version), run_id, "", mv.source, "passed" if gate_ok else "failed"
+            )
+        manifest_sha = sha256_file(local / "seme_manifest.json")
         meta = lineage(manifest, metrics_doc, gate_doc, alignment_dir, location or "mlflow-artifacts")
         lm_tags = {registry.TAG_GATE: "passed" if gate_ok else "failed", TAG_MANIFEST_SHA: manifest_sha}
         if pipeline_run:
@@ -358,7 +398,7 @@ def register_version(
                 "tag logged model", uri, c.set_logged_model_tags, model_id,
                 {TAG_WRAPPER: wrapper_tag, TAG_LOCATION: source},
             )  # fmt: skip
-            vtags = {**(tags or {}), TAG_LOCATION: source, TAG_MODEL_ID: model_id,
+            vtags = {**(tags or {}), TAG_MLFLOW_MODEL: "yes", TAG_LOCATION: source, TAG_MODEL_ID: model_id,
                      TAG_MANIFEST_SHA: manifest_sha, TAG_WRAPPER: wrapper_tag}  # fmt: skip
             version = registry.register_model(
                 str(model_dir), name, run_id, vtags, gate_ok, pipeline_run=pipeline_run, tracking_uri=uri,
@@ -377,7 +417,9 @@ def register_version(
             except Exception:  # noqa: BLE001 - the original error is the one to report
                 log.warning("could not mark logged model %s as FAILED", model_id)
             raise
-        registry._call("finalize logged model", uri, c.finalize_logged_model, model_id, LoggedModelStatus.READY)
+        registry._call(
+            "finalize logged model", uri, c.finalize_logged_model, model_id, LoggedModelStatus.READY
+        )
     log.info("registered %s version %s as logged model %s at %s", name, version, model_id, source)
     return RegisteredVersion(name, str(version), run_id, model_id, source, "passed" if gate_ok else "failed")
 
@@ -387,7 +429,9 @@ def register_version(
 # ------------------------------------------------------------------------------------------------
 
 
-def resolve(ref: str, *, alias: str | None = None, version: str | None = None, tracking_uri: str | None = None) -> Any:
+def resolve(
+    ref: str, *, alias: str | None = None, version: str | None = None, tracking_uri: str | None = None
+) -> Any:
     """The ModelVersion for ``NAME`` (+ ``alias``/``version``), ``NAME@ALIAS`` or ``models:/NAME@ALIAS``."""
     uri = registry.resolve_tracking_uri(tracking_uri)
     c = registry.client(uri)
@@ -423,30 +467,42 @@ def verify(
     tags = mv.tags or {}
     where = f"{mv.name} version {mv.version}"
     if TAG_MANIFEST_SHA not in tags or TAG_WRAPPER not in tags:
-        raise RegistryError(f"{where} was not registered as an MLflow model by seme (no {TAG_MANIFEST_SHA} tag)")
+        raise RegistryError(
+            f"{where} was not registered as an MLflow model by seme (no {TAG_MANIFEST_SHA} tag)"
+        )
     location = tags.get(TAG_LOCATION) or mv.source
     keep = dest is not None
     root = Path(dest) if keep else Path(tempfile.mkdtemp(prefix="seme-verify-"))
     try:
         if location.startswith("s3://"):
-            got = fetch(location, dest=root / "model", endpoint_url=endpoint_url)  # verifies the manifest's files
+            got = fetch(
+                location, dest=root / "model", endpoint_url=endpoint_url
+            )  # verifies the manifest's files
             computed = {r: f["sha256"] for r, f in json.loads((got / RECORD).read_text())["files"].items()}
         else:
             import mlflow
 
-            got = Path(mlflow.artifacts.download_artifacts(location, dst_path=str(root / "dl"), tracking_uri=registry.resolve_tracking_uri(tracking_uri)))
-            computed = {
-                p.relative_to(got).as_posix(): sha256_file(p) for p in got.rglob("*") if p.is_file()
-            }
+            got = Path(
+                mlflow.artifacts.download_artifacts(
+                    location,
+                    dst_path=str(root / "dl"),
+                    tracking_uri=registry.resolve_tracking_uri(tracking_uri),
+                )
+            )
+            computed = {p.relative_to(got).as_posix(): sha256_file(p) for p in got.rglob("*") if p.is_file()}
             expected = manifest_files(json.loads((got / MANIFEST).read_text()), f"{location}/{MANIFEST}")
             for rel, (sha, _size) in sorted(expected.items()):
                 if computed.get(rel) != sha:
-                    raise StorageError(f"{location}/{rel}: sha256 does not match {MANIFEST} (changed or missing)")
+                    raise StorageError(
+                        f"{location}/{rel}: sha256 does not match {MANIFEST} (changed or missing)"
+                    )
         if sha256_file(got / MANIFEST) != tags[TAG_MANIFEST_SHA]:
             raise StorageError(f"{location}/{MANIFEST}: changed since {where} was registered")
         for rel, sha in sorted(json.loads(tags[TAG_WRAPPER]).items()):
             if computed.get(rel) != sha:
-                raise StorageError(f"{location}/{rel}: MLflow wrapper file changed or missing since {where} was registered")
+                raise StorageError(
+                    f"{location}/{rel}: MLflow wrapper file changed or missing since {where} was registered"
+                )
     except BaseException:
         if not keep:
             shutil.rmtree(root, ignore_errors=True)

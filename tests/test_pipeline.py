@@ -102,9 +102,12 @@ def test_compile_gpu_request_node_selector_and_toleration_on_align(merge_ir):
     # S3 credentials come from the secret, only where S3 is touched
     with_secret = {e for e, cfg in k8s.items() if "secretAsEnv" in cfg}
     s3_steps = [
-        c for c in spec.components if c.startswith(("comp-fetch-checkpoint", "comp-merge-checkpoints"))
+        c
+        for c in spec.components
+        if c.startswith(("comp-fetch-checkpoint", "comp-merge-checkpoints", "comp-register-model"))
     ]
-    assert len(s3_steps) == 3  # fetch (sources), fetch (base), merge (publishes)
+    # fetch (sources), fetch (base), merge (publishes), register pilot/failed (MLflow wrapper next to the weights)
+    assert len(s3_steps) == 5
     assert with_secret == {executor_of(spec, c) for c in s3_steps}
 
 

@@ -43,7 +43,9 @@ def merged(tmp_path_factory) -> Path:
     from seme.zoo.base import train_tiny_tokenizer
 
     root = tmp_path_factory.mktemp("mlm")
-    tok = train_tiny_tokenizer(["the quick brown fox jumps over the lazy dog 0123456789"] * 20, vocab_size=300)
+    tok = train_tiny_tokenizer(
+        ["the quick brown fox jumps over the lazy dog 0123456789"] * 20, vocab_size=300
+    )
     srcs = []
     for i in range(2):
         d = make_tiny_model(root / f"src{i}", seed=i, vocab_size=300)
@@ -184,7 +186,9 @@ def test_verified_load_and_a_rewritten_manifest(tmp_path, uri, name, merged, s3_
                   Body=(merged / "seme_manifest.json").read_bytes())  # fmt: skip
     s3.put_object(Bucket="seme-models", Key=cfg_key, Body=(merged / "config.json").read_bytes())
     s3.put_object(Bucket="seme-models", Key=f"{name}/run-2/components/tokenizer/tokenizer.json", Body=b"{}")
-    with pytest.raises(StorageError, match=r"components/tokenizer/tokenizer\.json: MLflow wrapper file changed"):
+    with pytest.raises(
+        StorageError, match=r"components/tokenizer/tokenizer\.json: MLflow wrapper file changed"
+    ):
         load_verified(f"{name}/{rv.version}", dest=tmp_path / "bad2")
 
 

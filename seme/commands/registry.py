@@ -15,7 +15,8 @@ def _uri(p: argparse.ArgumentParser) -> None:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "register",
-        help="log a merge run to MLflow and register the merged checkpoint (pilot alias only if the gate passed)",
+        help="log a merge run and register the merged checkpoint as an MLflow model (transformers + pyfunc; "
+        "pilot alias only if the gate passed)",
     )
     p.add_argument(
         "model_dir", help="merged checkpoint directory (or an s3:// URI used as the version's source)"
@@ -25,6 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gate", help="gate_result.json of `seme gate` (no pilot alias without a passed gate)")
     p.add_argument("--alignment", help="SeMe alignment directory (alignment.json + plots) to log")
     p.add_argument("--run-id", help="register into this existing run instead of logging a new one")
+    p.add_argument(
+        "--source-uri", help="s3:// prefix MODEL_DIR was published to (the version's location: no second copy)"
+    )
     p.add_argument("--pipeline-run", help="pipeline run id (tag seme.pipeline_run)")
     p.add_argument(
         "--tag", action="append", default=[], metavar="KEY=VALUE", help="extra version tag (repeatable)"
@@ -49,7 +53,8 @@ def run_register(args: argparse.Namespace) -> int:
     import json
 
     from seme.errors import ConfigError
-    from seme.registry import aliases, gate_passed, log_merge_run, register_model
+    from seme.registry import aliases
+    from seme.registry_model import register_version
 
     tags = {}
     for t in args.tag:
@@ -57,27 +62,22 @@ def run_register(args: argparse.Namespace) -> int:
         if not sep or not k:
             raise ConfigError(f"--tag {t!r}: expected KEY=VALUE")
         tags[k] = v
-    ok = gate_passed(args.gate) if args.gate else False
-    run_id = args.run_id or log_merge_run(
+    rv = register_version(
         args.model_dir,
+        args.name,
         metrics=args.metrics,
         gate=args.gate,
         alignment_dir=args.alignment,
+        source_uri=args.source_uri,
+        run_id=args.run_id,
+        tags=tags,
         pipeline_run=args.pipeline_run,
         tracking_uri=args.tracking_uri,
     )
-    version = register_model(
-        args.model_dir,
-        args.name,
-        run_id,
-        tags,
-        ok,
-        pipeline_run=args.pipeline_run,
-        tracking_uri=args.tracking_uri,
-    )
+    version = rv.version
     al = {a: v for a, v in aliases(args.name, tracking_uri=args.tracking_uri).items() if v == version}
-    print(json.dumps({"name": args.name, "version": version, "run_id": run_id, "gate": "passed" if ok else "failed",
-                      "aliases": sorted(al)}))  # fmt: skip
+    print(json.dumps({"name": args.name, "version": version, "run_id": rv.run_id, "gate": rv.gate,
+                      "model_id": rv.model_id, "location": rv.location, "aliases": sorted(al)}))  # fmt: skip
     return 0
 
 
