@@ -27,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--alignment", help="SeMe alignment directory (alignment.json + plots) to log")
     p.add_argument("--run-id", help="register into this existing run instead of logging a new one")
     p.add_argument(
-        "--source-uri", help="s3:// prefix MODEL_DIR was published to (the version's location: no second copy)"
+        "--source-uri",
+        help="s3:// prefix MODEL_DIR was published to (the version's location: no second copy)",
     )
     p.add_argument("--pipeline-run", help="pipeline run id (tag seme.pipeline_run)")
     p.add_argument(
@@ -40,6 +41,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("name", help="registered model name")
     p.add_argument("--version", help="version to promote (default: the one holding 'pilot')")
     p.add_argument("--to", default="production", help="alias to move (default production)")
+    p.add_argument(
+        "--policy",
+        help="promotion policy YAML: the pilot evidence production needs (default: seme/policies/promotion.yaml)",
+    )
+    p.add_argument(
+        "--skip-evidence",
+        action="store_true",
+        help="break glass: promote without pilot evidence (tagged seme.pilot=skipped-evidence on the version)",
+    )
     _uri(p)
     p.set_defaults(func=run_promote)
 
@@ -84,13 +94,26 @@ def run_register(args: argparse.Namespace) -> int:
 def run_promote(args: argparse.Namespace) -> int:
     import json
 
-    from seme.registry import promote
+    from seme import pilot, registry
 
-    print(
-        json.dumps(
-            {"name": args.name, **promote(args.name, args.to, args.version, tracking_uri=args.tracking_uri)}
+    if args.to != registry.PRODUCTION or args.skip_evidence:
+        moves = registry.promote(args.name, args.to, args.version, tracking_uri=args.tracking_uri)
+        if args.to == registry.PRODUCTION:
+            c = registry.client(args.tracking_uri)
+            c.set_model_version_tag(args.name, moves[args.to], pilot.TAG_PILOT, "skipped-evidence")
+        print(json.dumps({"name": args.name, **moves}))
+        return 0
+    d = pilot.promote(args.name, version=args.version, policy=args.policy, tracking_uri=args.tracking_uri)
+    if d.action == "wait":
+        raise pilot.NotYet(f"refusing to promote {args.name} version {d.version} yet: {'; '.join(d.reasons)}")
+    if d.action == "reject":
+        raise pilot.Rejected(
+            f"{args.name} version {d.version} rejected, alias pilot removed, production stays at "
+            f"{d.production or 'no version'}: {'; '.join(d.reasons)}"
         )
-    )
+    prev = registry.aliases(args.name, tracking_uri=args.tracking_uri).get(registry.PREVIOUS)
+    print(json.dumps({"name": args.name, registry.PRODUCTION: d.production, registry.PREVIOUS: prev,
+                      "evidence": d.reasons, "tests": {m: t["p_value"] for m, t in d.tests.items()}}))  # fmt: skip
     return 0
 
 
