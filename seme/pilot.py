@@ -74,7 +74,7 @@ def now_utc(now: datetime | None = None) -> datetime:
 
 def parse_time(text: Any, where: str) -> datetime:
     try:
-        t = datetime.fromisoformat(str(text).replace("Z", "+00:00"))
+        t = datetime.fromisoformat(str(text))
     except ValueError:
         raise ConfigError(f"{where}: {text!r} is not an ISO 8601 time") from None
     return t if t.tzinfo else t.replace(tzinfo=UTC)

@@ -170,7 +170,7 @@ def test_significantly_worse_pilot_is_rejected_and_production_stays(
 
 
 def test_evidence_files_are_checked(tmp_path, uri, name, rollout, monkeypatch):
-    v1, v2, created = rollout
+    _v1, v2, created = rollout
     monkeypatch.setenv("SEME_NOW", (created + timedelta(hours=1)).isoformat())
     with pytest.raises(ConfigError, match="period.end .* is in the future"):
         pilot.record(name, _evidence(tmp_path, created, 2, 0.8))
