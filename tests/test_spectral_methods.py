@@ -4,7 +4,7 @@ own functions on the same task vectors of tiny real models, plus closed-form pro
 Our merges run through the real executor (YAML config -> run_merge -> safetensors); FusionBench's
 functions get the task vectors of the very files we merged. FusionBench has no CART, and its WUDI is
 300-400 Adam steps from Σ τ_k rather than the closed form, so those two are checked against
-independent computations instead (docs/seme-method.md, "Spectral methods", lists every difference).
+independent computations instead (docs/spectral-methods.md lists every difference).
 """
 
 from __future__ import annotations
@@ -362,3 +362,17 @@ def test_svc_config_errors(zoo):
         merge(zoo, "linear", "svc_nobase", {"svc": True}, base=False)
     with pytest.raises(ConfigError, match="unknown parameter 'svc' for merge_method seme"):
         merge(zoo, "seme", "svc_seme", {"svc": True})
+
+
+def test_cli_reports_a_bad_parameter_in_one_line(zoo, capsys):
+    from seme.cli import main
+
+    cfg = zoo["tmp"] / "cli_bad.yaml"
+    cfg.write_text(yaml.safe_dump({"merge_method": "tsv", "base_model": str(zoo["base"]),
+                                   "models": [{"model": str(m)} for m in zoo["experts"]],
+                                   "parameters": {"spectrum": "all"}}))
+    capsys.readouterr()
+    rc = main(["-q", "merge", str(cfg), str(zoo["tmp"] / "cli_bad")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == ["seme: error: tsv: spectrum must be 'nonzero' or 'full', got 'all'"]
+    assert not (zoo["tmp"] / "cli_bad").exists()
