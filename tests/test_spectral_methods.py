@@ -376,3 +376,12 @@ def test_cli_reports_a_bad_parameter_in_one_line(zoo, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err == ["seme: error: tsv: spectrum must be 'nonzero' or 'full', got 'all'"]
     assert not (zoo["tmp"] / "cli_bad").exists()
+
+
+def test_svc_per_filter(zoo):
+    """``svc`` as a filter list calibrates only the matching tensors."""
+    plain = merge(zoo, "task_arithmetic", "ta_plain_f", {"lambda": 0.5})
+    ours = merge(zoo, "task_arithmetic", "ta_svc_f",
+                 {"lambda": 0.5, "svc": [{"filter": "mlp", "value": True}, {"value": False}]})
+    for k, v in plain.items():
+        assert torch.equal(ours[k], v) != (v.dim() == 2 and "mlp" in k), k

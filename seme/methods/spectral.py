@@ -58,6 +58,14 @@ def _rank(s: torch.Tensor, scale: torch.Tensor | float | None = None) -> int:
     return int((s > TOL * top).sum()) if top > 0 else 0
 
 
+def _sum(ts: list[torch.Tensor]) -> torch.Tensor:
+    """Σ ts in list order (as Python's sum; no stacked copy of every input)."""
+    acc = ts[0].clone()
+    for t in ts[1:]:
+        acc += t
+    return acc
+
+
 def polar(x: torch.Tensor) -> torch.Tensor:
     """The orthonormal polar factor P Qᵀ of ``x`` (SVD x = P Σ Qᵀ): the nearest matrix with
     orthonormal columns (rows, for a wide ``x``)."""
@@ -76,7 +84,7 @@ def _top(x: torch.Tensor, k: int, nonzero: bool, floor: float | None = None):
 # -- the updates (pure tensor functions) -------------------------------------------------------
 def iso_c_update(taus: list[torch.Tensor], spectrum: str = "nonzero") -> torch.Tensor:
     """Iso-C: Σ_k τ_k with its spectrum flattened to the mean singular value."""
-    m = torch.stack(taus).sum(0)
+    m = _sum(taus)
     u, s, vh = _svd(m)
     r = s.numel() if spectrum == "full" else _rank(s)
     if r == 0:
@@ -99,7 +107,7 @@ def iso_cts_update(taus: list[torch.Tensor], common_fraction: float = 0.8,
     """Iso-CTS: M's top common subspace plus each task's own top residual directions, orthogonalised,
     with one flat singular value."""
     full = spectrum == "full"
-    m = torch.stack(taus).sum(0)
+    m = _sum(taus)
     u, s, vh = _svd(m)
     r = s.numel() if full else _rank(s)
     if r == 0:
@@ -156,7 +164,7 @@ def cart_rank(shape: torch.Size | tuple[int, ...], rank_ratio: float) -> int:
 
 def cart_update(thetas: list[torch.Tensor], rank_ratio: float = 0.08) -> tuple[torch.Tensor, torch.Tensor]:
     """CART: (θ̄, Σ_k of the rank-k truncations of θ_k − θ̄)."""
-    mean = torch.stack(thetas).mean(0)
+    mean = _sum(thetas).div_(len(thetas))
     k = cart_rank(mean.shape, rank_ratio)
     acc = torch.zeros_like(mean)
     for t in thetas:
@@ -224,7 +232,7 @@ def _base_method(name: str, update: Callable[[list[torch.Tensor], dict], torch.T
         wd = _work_dtype(base)
         b = base.to(wd)
         taus = [(tensors[i].to(wd) - b).mul_(w) for i, w in zip(idx, weights)]
-        tau = update(taus, params) if _is_matrix(base) else torch.stack(taus).mean(0)
+        tau = update(taus, params) if _is_matrix(base) else _sum(taus).div_(len(taus))
         return b.add_(tau, alpha=lam) if b is not base else b + lam * tau
 
     merge.__name__ = merge.__qualname__ = name
@@ -252,7 +260,7 @@ def cart(base: torch.Tensor | None, tensors: list[torch.Tensor], model_params: l
     wd = _work_dtype(tensors[0])
     thetas = [t.to(wd) for t in tensors]
     if not _is_matrix(tensors[0]):
-        return torch.stack(thetas).mean(0)
+        return _sum(thetas).div_(len(thetas))
     mean, low = cart_update(thetas, ratio)
     return mean.add_(low, alpha=lam)
 
