@@ -128,9 +128,11 @@ def iso_cts_update(taus: list[torch.Tensor], common_fraction: float = 0.8,
 def tsv_update(taus: list[torch.Tensor], spectrum: str = "full") -> torch.Tensor:
     """TSV-Merge: each task's top ⌊min(m, n)/K⌋ triplets, U and V orthogonalised (polar factors)."""
     q = min(taus[0].shape) // len(taus)
+    if q == 0:  # more tasks than dimensions: no triplet survives
+        return torch.zeros_like(taus[0])
     parts = [_top(t, q, spectrum == "nonzero") for t in taus]
     s = torch.cat([p[1] for p in parts])
-    if s.numel() == 0:  # more tasks than dimensions (or nothing non-zero): no triplet survives
+    if s.numel() == 0:  # nothing non-zero
         return torch.zeros_like(taus[0])
     u = polar(torch.cat([p[0] for p in parts], 1))
     vh = polar(torch.cat([p[2] for p in parts], 0))
