@@ -29,8 +29,7 @@ from functools import partial
 from seme.lazy import torch
 
 from seme.errors import ConfigError
-from seme.methods import MethodSpec, register
-from seme.methods import gta
+from seme.methods import MethodSpec, gta, register
 from seme.methods._params import as_float, non_base
 
 _ROWS_ELEMS = 1 << 20  # DELLA ranks, probabilities and draws are made this many entries at a time
