@@ -385,3 +385,15 @@ def test_svc_per_filter(zoo):
                  {"lambda": 0.5, "svc": [{"filter": "mlp", "value": True}, {"value": False}]})
     for k, v in plain.items():
         assert torch.equal(ours[k], v) != (v.dim() == 2 and "mlp" in k), k
+
+
+def test_registered_with_the_issue_defaults():
+    want = {"iso_c": {"lambda": 1.0, "spectrum": "nonzero"},
+            "iso_cts": {"lambda": 1.0, "common_fraction": 0.8, "spectrum": "nonzero"},
+            "tsv": {"lambda": 1.0, "spectrum": "full"}, "wudi": {"lambda": 1.0, "eps": 1e-6},
+            "cart": {"lambda": 1.0, "rank_ratio": 0.08}}
+    for name, params in want.items():
+        spec = get(name)
+        assert spec.global_params == params and spec.out_in and spec.needs_base == (name != "cart"), name
+    wrapped = spectral.with_svc(get("ties"))
+    assert wrapped.name == "ties+svc" and wrapped.global_params["svc_alpha"] == 0.1 and wrapped.prepare is None
