@@ -29,7 +29,7 @@ def evaluate_models(
     import json
     import os
 
-    from components.common import artifact_digest, parent_names
+    from components.common import artifact_digest, model_path, parent_names
     from seme.errors import ConfigError
     from seme.evaluation import evaluate, write_metrics
     from seme.gates import make_bundle
@@ -52,8 +52,8 @@ def evaluate_models(
     os.makedirs(report.path, exist_ok=True)
     results = {}
     for name, art in [("merged", merged), *parents]:
-        res = evaluate(art.path, suite, device=dev, limit=limit or None, progress=False)
-        res["model"] = art.metadata.get("uri") or art.path
+        res = evaluate(model_path(art), suite, device=dev, limit=limit or None, progress=False)
+        res["model"] = art.metadata.get("uri") or model_path(art)
         write_metrics(res, os.path.join(report.path, f"{name}.json"))
         results[name] = res
     for group in ("tasks", "general"):
@@ -63,7 +63,7 @@ def evaluate_models(
         results["merged"],
         {n: results[n] for n, _ in parents},
         experts,
-        model_dir=merged.path,
+        model_dir=model_path(merged),
         base="base",
     )
     with open(os.path.join(report.path, "bundle.json"), "w") as f:

@@ -1,4 +1,4 @@
-"""The validation gate (Great Expectations) over the evaluation report."""
+"""The validation gate (Great Expectations) over the evaluation report; the model only for weight checks."""
 
 from typing import NamedTuple
 
@@ -8,21 +8,12 @@ from kfp.dsl import Artifact, Input, Model, Output
 from components.common import IMAGE
 
 
-@dsl.component(base_image=IMAGE, install_kfp_package=False)
-def validation_gate(
-    report: Input[Artifact], merged: Input[Model], policy: str, result: Output[Artifact]
-) -> NamedTuple("GateOutputs", passed=bool):
-    """Run ``seme.gates.run_gate`` on the evaluation report's ``bundle.json``; ``passed`` drives the branch.
-
-    ``policy`` is the policy YAML text (empty: the default policy); weight checks read ``merged``. A failed gate is not a failed
-    step: the step succeeds with ``passed = False`` and the pipeline registers the version as failed.
-    Metadata: ``passed``, ``sha256``.
-    """
+def _gate(report_dir: str, policy: str, out_dir: str, model_dir: str | None) -> bool:
+    """Shared body: run ``seme.gates.run_gate`` on ``bundle.json``; ``model_dir`` None: no weights."""
+    import json
     import os
     import tempfile
-    from collections import namedtuple
 
-    from components.common import artifact_digest
     from seme.gates import run_gate
 
     policy_path = None
@@ -30,8 +21,44 @@ def validation_gate(
         fd, policy_path = tempfile.mkstemp(suffix=".yaml")
         with os.fdopen(fd, "w") as f:
             f.write(policy)
-    verdict = run_gate(
-        os.path.join(report.path, "bundle.json"), policy_path, result.path, model_dir=merged.path
-    )
-    result.metadata.update({"passed": bool(verdict.passed), "sha256": artifact_digest(result.path)})
-    return namedtuple("GateOutputs", ["passed"])(bool(verdict.passed))
+    with open(os.path.join(report_dir, "bundle.json")) as f:
+        bundle = json.load(f)
+    if model_dir is None:
+        bundle.pop("model_dir", None)  # the evaluate pod's path means nothing here
+    return bool(run_gate(bundle, policy_path, out_dir, model_dir=model_dir).passed)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def validation_gate(report: Input[Artifact], policy: str, result: Output[Artifact]) -> NamedTuple(
+    "GateOutputs", passed=bool
+):
+    """Run the gate on the evaluation report's ``bundle.json``; ``passed`` drives the branch.
+
+    ``policy`` is the policy YAML text (empty: the default policy). The model is not an input: a
+    policy with weight checks needs the pipeline compiled with ``--gate-weight-check``
+    (:func:`validation_gate_weights`). A failed gate is not a failed step: the step succeeds with
+    ``passed = False`` and the pipeline registers the version as failed. Metadata: ``passed``, ``sha256``.
+    """
+    from collections import namedtuple
+
+    from components.common import artifact_digest
+    from components.gate import _gate
+
+    passed = _gate(report.path, policy, result.path, None)
+    result.metadata.update({"passed": passed, "sha256": artifact_digest(result.path)})
+    return namedtuple("GateOutputs", ["passed"])(passed)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def validation_gate_weights(
+    report: Input[Artifact], merged: Input[Model], policy: str, result: Output[Artifact]
+) -> NamedTuple("GateOutputs", passed=bool):
+    """:func:`validation_gate` plus the policy's weight checks on the merged checkpoint (``merged``)."""
+    from collections import namedtuple
+
+    from components.common import artifact_digest, model_path
+    from components.gate import _gate
+
+    passed = _gate(report.path, policy, result.path, model_path(merged))
+    result.metadata.update({"passed": passed, "sha256": artifact_digest(result.path)})
+    return namedtuple("GateOutputs", ["passed"])(passed)

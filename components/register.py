@@ -28,6 +28,7 @@ def register_model(
     import json
     import os
 
+    from components.common import model_path
     from seme import registry
     from seme.registry_model import register_version
 
@@ -38,7 +39,7 @@ def register_model(
     # an MLflow model (transformers + pyfunc) whose location is the prefix the merge step published:
     # the wrapper goes next to the weights, no second copy in MLflow's artifact store
     rv = register_version(
-        merged.path,
+        model_path(merged),
         registered_model_name,
         metrics=os.path.join(report.path, "bundle.json"),
         gate=gate_file,

@@ -401,7 +401,11 @@ def run_demo(workdir: str | os.PathLike | None = None) -> int:
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="seme-demo-"))
     print(f"running the merge pipeline locally (KFP local runner) in {work} ...", file=sys.stderr)
     summary = run_local(
-        cfg, workdir=work, suite=suite, expert_tasks=experts, registered_model_name="seme-demo",
+        cfg,
+        workdir=work,
+        suite=suite,
+        expert_tasks=experts,
+        registered_model_name="seme-demo",
         **({"limit": limit} if limit else {}),
     )
     print_summary(summary)

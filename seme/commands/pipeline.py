@@ -52,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _cluster_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--no-gpu", action="store_true", help="no GPU request on align (it then runs on CPU)")
+    p.add_argument("--no-gpu", action="store_true", help="no GPU request on any step (they then run on CPU)")
     p.add_argument("--gpu-node-selector", default="nvidia.com/gpu.present=true", help="KEY=VALUE for align")
     p.add_argument(
         "--gpu-toleration",
@@ -62,6 +62,37 @@ def _cluster_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config-map", default="seme-config", help="ConfigMap with endpoints (env of every step)")
     p.add_argument(
         "--s3-secret", default="seme-s3", help="Secret with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
+    )
+    p.add_argument(
+        "--image",
+        help="container image of every step, REPOSITORY[:TAG][@sha256:DIGEST] (default: the release image)",
+    )
+    p.add_argument(
+        "--gpu-steps",
+        help="comma-separated steps that get a GPU, from align,merge,evaluate (default: align, plus merge "
+        "when --method/--config is seme or an SVD-family method; evaluate uses a GPU when its pod has one)",
+    )
+    p.add_argument("--method", help="the merge method the pipeline will run (picks the default --gpu-steps)")
+    p.add_argument("--config", dest="method_config", help="merge config YAML to take --method from")
+    p.add_argument(
+        "--pvc",
+        metavar="SIZE",
+        help="e.g. 200Gi: one PersistentVolumeClaim per run holds every checkpoint; model-reading steps "
+        "mount it instead of copying models through the artifact store",
+    )
+    p.add_argument(
+        "--pvc-storage-class", default="", help="StorageClass of the --pvc volume (default: the cluster's)"
+    )
+    p.add_argument(
+        "--model-size",
+        default="tiny",
+        choices=("tiny", "1b", "7b", "70b"),
+        help="pod CPU/memory requests sized for this model (docs/runbook.md, Sizing; default tiny)",
+    )
+    p.add_argument(
+        "--gate-weight-check",
+        action="store_true",
+        help="the gate reads the merged weights (needed by a gate policy with weight checks); off: metrics only",
     )
 
 
@@ -124,12 +155,29 @@ def run_compile(args: argparse.Namespace) -> int:
     from pipelines.compile import compile_pipeline
     from pipelines.merge import ClusterOptions
 
+    from components.common import IMAGE
+
+    method = args.method
+    if args.method_config:
+        from seme.config import load_config
+
+        method = load_config(args.method_config).merge_method
+    steps = None
+    if args.gpu_steps is not None:
+        steps = frozenset(x.strip() for x in args.gpu_steps.split(",") if x.strip())
     opts = ClusterOptions(
         gpu=not args.no_gpu,
         gpu_node_selector=args.gpu_node_selector,
         gpu_toleration=args.gpu_toleration,
         config_map=args.config_map,
         s3_secret=args.s3_secret,
+        image=args.image or IMAGE,
+        gpu_steps=steps,
+        method=method,
+        pvc_size=args.pvc,
+        pvc_storage_class=args.pvc_storage_class,
+        model_size=args.model_size,
+        gate_weight_check=args.gate_weight_check,
     )
     out = compile_pipeline(args.pipeline, args.out or f"seme-{args.pipeline}.yaml", opts)
     print(out)
