@@ -152,10 +152,9 @@ def _config_dict(path: str) -> dict:
 
 
 def run_compile(args: argparse.Namespace) -> int:
+    from components.common import IMAGE
     from pipelines.compile import compile_pipeline
     from pipelines.merge import ClusterOptions
-
-    from components.common import IMAGE
 
     method = args.method
     if args.method_config:
