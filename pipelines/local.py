@@ -400,13 +400,28 @@ def run_demo(workdir: str | os.PathLike | None = None) -> int:
     }
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="seme-demo-"))
     print(f"running the merge pipeline locally (KFP local runner) in {work} ...", file=sys.stderr)
-    summary = run_local(
-        cfg,
-        workdir=work,
-        suite=suite,
-        expert_tasks=experts,
-        registered_model_name="seme-demo",
-        **({"limit": limit} if limit else {}),
-    )
-    print_summary(summary)
-    return 0 if summary["status"] == "SUCCEEDED" else 1
+    with services(work) as svc:  # kept up after the run: the registered version is loaded back from it
+        summary = run_local(
+            cfg,
+            workdir=work,
+            suite=suite,
+            expert_tasks=experts,
+            registered_model_name="seme-demo",
+            s3_endpoint=svc["s3_endpoint"],
+            mlflow_uri=svc["mlflow_uri"],
+            **({"limit": limit} if limit else {}),
+        )
+        print_summary(summary)
+        if summary["status"] != "SUCCEEDED":
+            return 1
+        from seme.demo import load_back
+
+        reg = summary.get("registry") or {}
+        line = load_back(
+            "seme-demo",
+            svc["mlflow_uri"],
+            svc["s3_endpoint"],
+            None if reg.get("alias") else reg.get("version"),
+        )
+        print(f"loaded back with mlflow.transformers.load_model; it says: {line}")
+    return 0

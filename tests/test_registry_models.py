@@ -164,6 +164,11 @@ def test_verified_load_and_a_rewritten_manifest(tmp_path, uri, name, merged, s3_
     publish(merged, location)
     rv = register_version(merged, name, source_uri=location)
     assert rv.gate == "failed"  # no gate: registered, no alias
+    # what `make demo` ends with: verify, load with mlflow.transformers.load_model, generate one line
+    from seme.demo import DEMO_PROMPT, load_back
+
+    line = load_back(name, uri, s3_server, version=rv.version)
+    assert line.startswith(DEMO_PROMPT) and len(line) > len(DEMO_PROMPT)
     pipe = load_verified(f"{name}/{rv.version}", dest=tmp_path / "ok")
     assert pipe("the", max_new_tokens=2, do_sample=False)[0]["generated_text"].startswith("the")
 
