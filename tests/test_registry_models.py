@@ -223,3 +223,35 @@ def _m(acc: float, ppl: float) -> dict:
 def _mk(p: Path) -> Path:
     p.mkdir(parents=True, exist_ok=True)
     return p
+
+
+def test_cli_registers_a_published_prefix_and_a_plain_checkpoint_falls_back(
+    tmp_path, uri, name, merged, s3_server, capsys
+):
+    """`seme register s3://…` reads only the small files from the bucket; a checkpoint that cannot be
+    served (no tokenizer) is still registered, as plain files, and says so in a tag."""
+    import shutil
+
+    from seme.cli import main
+    from seme.registry import client
+    from seme.storage import publish
+
+    _bucket(s3_server, "seme-models")
+    location = f"s3://seme-models/{name}/cli"
+    publish(merged, location)
+    assert main(["register", location, "--name", name]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["location"] == location and out["model_id"].startswith("m-") and out["aliases"] == []
+    assert main(["verify", name, "--version", out["version"]]) == 0
+    capsys.readouterr()
+
+    plain = tmp_path / "plain"
+    shutil.copytree(merged, plain)
+    for f in plain.glob("tokenizer*"):
+        f.unlink()
+    assert main(["register", str(plain), "--name", name]) == 0
+    v = json.loads(capsys.readouterr().out)["version"]
+    tag = client(uri).get_model_version(name, v).tags["seme.mlflow_model"]
+    assert tag.startswith("no: ") and "no usable tokenizer" in tag
+    assert main(["verify", f"{name}/{v}"]) == 1
+    assert "was not registered as an MLflow model by seme" in capsys.readouterr().err
