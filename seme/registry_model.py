@@ -475,9 +475,9 @@ def verify(
     root = Path(dest) if keep else Path(tempfile.mkdtemp(prefix="seme-verify-"))
     try:
         if location.startswith("s3://"):
-            got = fetch(
-                location, dest=root / "model", endpoint_url=endpoint_url
-            )  # verifies the manifest's files
+            # fetch verifies the manifest's files; the MLflow files are checked below, against the registry
+            wrapper_files = frozenset(json.loads(tags[TAG_WRAPPER]))
+            got = fetch(location, dest=root / "model", endpoint_url=endpoint_url, unlisted_ok=wrapper_files)
             computed = {r: f["sha256"] for r, f in json.loads((got / RECORD).read_text())["files"].items()}
         else:
             import mlflow

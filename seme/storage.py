@@ -362,12 +362,15 @@ def fetch(
     workers: int = 8,
     retries: int = 5,
     backoff: float = 0.5,
+    unlisted_ok: frozenset[str] = frozenset(),
 ) -> Path:
     """Fetch the checkpoint prefix ``uri`` into a verified local directory and return its path.
 
     Without ``dest`` the directory lives in the cache (``cache_dir`` or ``$SEME_CACHE_DIR/s3``) and
     a second fetch of the same URI and manifest downloads nothing. With ``dest`` the verified
     directory is placed exactly there (an existing ``dest`` from the same fetch is reused).
+    ``unlisted_ok``: files the caller checks itself (e.g. a registered version's MLflow files), so
+    their absence from the manifest is not warned about; their sha256 is computed and recorded.
     """
     bucket, prefix = parse_uri(uri)
     uri = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
@@ -431,7 +434,7 @@ def fetch(
                 to_get[rel] = sha
         for rel in sorted(objs):
             if rel not in to_get and rel not in (MANIFEST, SHA256SUMS, RECORD):
-                if expected is not None:
+                if expected is not None and rel not in unlisted_ok:
                     log.warning(
                         "%s/%s is not listed in %s; its sha256 is computed and recorded", uri, rel, ref_name
                     )
