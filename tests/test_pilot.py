@@ -209,3 +209,31 @@ def test_promote_pipeline_step_says_not_yet_and_succeeds(tmp_path, uri, name, ro
     meta = task.outputs["promotion"].metadata
     assert meta["decision"] == "wait" and "no pilot evidence recorded yet" in meta["reasons"][0]
     assert registry.aliases(name) == {"pilot": v2, "production": v1}
+
+
+def test_schedule_promote_sends_the_promote_pipeline_with_the_policy(tmp_path, monkeypatch, capsys):
+    """`seme pipeline schedule-promote` against a fake KFP API server (no KFP server runs here)."""
+    from test_pipeline import FakeKfpApi
+
+    from seme.cli import main
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    api = FakeKfpApi()
+    try:
+        policy = _policy(tmp_path, min_duration="3d")
+        rc = main(["pipeline", "schedule-promote", "seme-merged", "--cron", "0 0 * * * *", "--host", api.url,
+                   "--policy", str(policy)])  # fmt: skip
+        assert rc == 0 and "recurring run rr-42 (seme-promote-seme-merged)" in capsys.readouterr().out
+        rr = next(b for m, path, b in api.requests if m == "POST" and path == "/apis/v2beta1/recurringruns")
+        assert rr["pipeline_spec"]["pipeline_spec"]["pipelineInfo"]["name"] == "seme-promote"
+        params = rr["runtime_config"]["parameters"]
+        assert params["registered_model_name"] == "seme-merged" and params["to_alias"] == "production"
+        assert yaml.safe_load(params["promotion_policy"])["min_duration"] == "3d"
+        bad = tmp_path / "bad.yaml"
+        bad.write_text("alpha: 2\n")
+        n = len(api.requests)
+        assert main(["pipeline", "schedule-promote", "x", "--cron", "0 0 * * * *", "--host", api.url,
+                     "--policy", str(bad)]) == 2  # fmt: skip
+        assert "alpha must be in (0, 1)" in capsys.readouterr().err and len(api.requests) == n
+    finally:
+        api.close()

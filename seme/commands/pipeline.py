@@ -50,6 +50,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--token", help="bearer token for the KFP API (default: $KF_PIPELINES_TOKEN)")
     s.set_defaults(func=run_schedule)
 
+    sp = psub.add_parser(
+        "schedule-promote",
+        help="create a recurring run of the promote pipeline: pilot -> production once the evidence suffices",
+    )
+    sp.add_argument("name", help="registered model name")
+    sp.add_argument("--cron", required=True, help='6-field cron, seconds first: "0 0 * * * *" = hourly')
+    sp.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://ml-pipeline-ui.kubeflow:80")
+    sp.add_argument("--policy", help="promotion policy YAML (default: seme/policies/promotion.yaml)")
+    sp.add_argument(
+        "--mlflow-uri", default="", help="MLflow tracking URI (default: the seme-config ConfigMap)"
+    )
+    sp.add_argument("--job-name", help="recurring run name (default: seme-promote-NAME)")
+    sp.add_argument("--experiment", default="seme", help="KFP experiment (created if missing)")
+    sp.add_argument("--namespace", help="KFP namespace (multi-user installs)")
+    sp.add_argument("--service-account", default="seme-pipeline-runner", help="Kubernetes SA of the runs")
+    sp.add_argument("--package", help="compiled promote pipeline IR YAML (default: compile it now)")
+    sp.add_argument("--token", help="bearer token for the KFP API (default: $KF_PIPELINES_TOKEN)")
+    sp.set_defaults(func=run_schedule_promote)
+
 
 def _cluster_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-gpu", action="store_true", help="no GPU request on any step (they then run on CPU)")
@@ -256,6 +275,40 @@ def run_schedule(args: argparse.Namespace) -> int:
         service_account=args.service_account,
         package=args.package,
         existing_token=args.token or os.environ.get("KF_PIPELINES_TOKEN"),
+    )
+    print(
+        f"recurring run {res['recurring_run_id']} ({res['name']}) created on {res['host']}: cron {res['cron']!r}"
+    )
+    return 0
+
+
+def run_schedule_promote(args: argparse.Namespace) -> int:
+    import os
+
+    from pipelines.schedule import check_cron, schedule
+    from seme.pilot import load_policy
+
+    check_cron(args.cron)
+    policy = _read(args.policy, "promotion policy")
+    if args.policy:
+        load_policy(args.policy)  # refuse a bad policy now, not at the first scheduled run
+    res = schedule(
+        args.host,
+        args.cron,
+        {
+            "registered_model_name": args.name,
+            "version": "",
+            "to_alias": "production",
+            "mlflow_tracking_uri": args.mlflow_uri,
+            "promotion_policy": policy,
+        },
+        job_name=args.job_name or f"seme-promote-{args.name}",
+        experiment=args.experiment,
+        namespace=args.namespace,
+        service_account=args.service_account,
+        package=args.package,
+        existing_token=args.token or os.environ.get("KF_PIPELINES_TOKEN"),
+        pipeline="promote",
     )
     print(
         f"recurring run {res['recurring_run_id']} ({res['name']}) created on {res['host']}: cron {res['cron']!r}"
