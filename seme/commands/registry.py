@@ -37,7 +37,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     _uri(p)
     p.set_defaults(func=run_register)
 
-    p = sub.add_parser("promote", help="move an alias (default production: only once the pilot evidence suffices, see --policy)")
+    p = sub.add_parser(
+        "promote",
+        help="move an alias (default production: only once the pilot evidence suffices, see --policy)",
+    )
     p.add_argument("name", help="registered model name")
     p.add_argument("--version", help="version to promote (default: the one holding 'pilot')")
     p.add_argument("--to", default="production", help="alias to move (default production)")
