@@ -329,6 +329,14 @@ def register_version(
     if location and not location.startswith("s3://"):
         raise RegistryError(f"{location}: a model location must be an s3:// prefix")
     manifest = registry.read_manifest(model_dir)
+    if location and not is_s3 and manifest:  # the published prefix must hold this very checkpoint
+        from seme.storage import get_manifest
+
+        if get_manifest(location, endpoint_url) != manifest:
+            raise RegistryError(
+                f"{location} does not hold the checkpoint {model_dir} (its seme_manifest.json differs "
+                "or is missing): publish it there first (seme publish)"
+            )
     metrics_doc = _read_json(metrics, "metrics")
     gate_doc, _ = registry._gate_doc(gate)
     gate_ok = bool(gate_doc and gate_doc.get("passed") is True)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from seme.errors import StorageError
+from seme.errors import RegistryError, StorageError
 
 
 @pytest.fixture(autouse=True)
@@ -164,6 +164,8 @@ def test_verified_load_and_a_rewritten_manifest(tmp_path, uri, name, merged, s3_
     _bucket(s3_server, "seme-models")
     location = f"s3://seme-models/{name}/run-2"
     publish(merged, location)
+    with pytest.raises(RegistryError, match=r"does not hold the checkpoint .*publish it there first"):
+        register_version(merged, name, source_uri=f"s3://seme-models/{name}/never-published")
     rv = register_version(merged, name, source_uri=location)
     assert rv.gate == "failed"  # no gate: registered, no alias
     # what `make demo` ends with: verify, load with mlflow.transformers.load_model, generate one line
