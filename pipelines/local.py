@@ -271,7 +271,10 @@ def run_local(
             "mlflow_tracking_uri": svc["mlflow_uri"],
             "s3_endpoint": svc["s3_endpoint"],
         }
-        pipeline = build_merge_pipeline(ClusterOptions(retry_backoff="1s"))
+        # the gate reads the merged weights only when the policy has weight checks
+        pipeline = build_merge_pipeline(
+            ClusterOptions(retry_backoff="1s", gate_weight_check=_weight_checks(gate_policy))
+        )
         local.init(
             runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True
         )
@@ -302,6 +305,17 @@ def run_local(
         )
         summary["aliases"] = _aliases(svc["mlflow_uri"], registered_model_name)
     return summary
+
+
+def _weight_checks(policy_text: str) -> bool:
+    """Whether a gate policy (YAML text; empty: the default, which has none) asks for weight checks."""
+    import yaml
+
+    try:
+        weights = (yaml.safe_load(policy_text or "") or {}).get("weights") or {}
+    except (yaml.YAMLError, AttributeError):
+        return False  # the gate step reports a broken policy itself
+    return bool(weights.get("finite")) or weights.get("max_abs") is not None
 
 
 def _yaml(cfg: dict[str, Any]) -> str:

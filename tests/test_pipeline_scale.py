@@ -189,3 +189,12 @@ def _const(spec, task_prefix: str, param: str):
                 v = json_format.MessageToDict(t.inputs.parameters[param].runtime_value.constant)
                 return v
     return None
+
+
+def test_run_local_gives_the_gate_the_model_only_for_weight_checks():
+    from pipelines.local import _weight_checks
+
+    assert _weight_checks("") is False  # the default policy checks metrics only
+    assert _weight_checks("weights: {finite: false, max_abs: null}\n") is False
+    assert _weight_checks("weights: {finite: true}\n") is True
+    assert _weight_checks("weights: {max_abs: 40}\n") is True
