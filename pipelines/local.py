@@ -315,6 +315,8 @@ def _weight_checks(policy_text: str) -> bool:
         weights = (yaml.safe_load(policy_text or "") or {}).get("weights") or {}
     except (yaml.YAMLError, AttributeError):
         return False  # the gate step reports a broken policy itself
+    if not isinstance(weights, dict):
+        return False
     return bool(weights.get("finite")) or weights.get("max_abs") is not None
 
 
