@@ -129,3 +129,24 @@ def record_pipeline_status(
     from seme import registry
 
     return registry.record_pipeline_status(pipeline_run, state, error, registered_model_name, tracking_uri)
+
+
+def gate_step(report_dir: str, policy: str, out_dir: str, model_dir: str | None) -> bool:
+    """The gate steps' body: ``seme.gates.run_gate`` on ``report_dir/bundle.json`` with the policy text
+    (empty: default); ``model_dir`` None: metrics only (the bundle's model path is dropped)."""
+    import json
+    import os
+    import tempfile
+
+    from seme.gates import run_gate
+
+    policy_path = None
+    if policy.strip():
+        fd, policy_path = tempfile.mkstemp(suffix=".yaml")
+        with os.fdopen(fd, "w") as f:
+            f.write(policy)
+    with open(os.path.join(report_dir, "bundle.json")) as f:
+        bundle = json.load(f)
+    if model_dir is None:
+        bundle.pop("model_dir", None)  # the evaluate pod's path means nothing here
+    return bool(run_gate(bundle, policy_path, out_dir, model_dir=model_dir).passed)

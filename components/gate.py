@@ -8,26 +8,6 @@ from kfp.dsl import Artifact, Input, Model, Output
 from components.common import IMAGE
 
 
-def _gate(report_dir: str, policy: str, out_dir: str, model_dir: str | None) -> bool:
-    """Shared body: run ``seme.gates.run_gate`` on ``bundle.json``; ``model_dir`` None: no weights."""
-    import json
-    import os
-    import tempfile
-
-    from seme.gates import run_gate
-
-    policy_path = None
-    if policy.strip():
-        fd, policy_path = tempfile.mkstemp(suffix=".yaml")
-        with os.fdopen(fd, "w") as f:
-            f.write(policy)
-    with open(os.path.join(report_dir, "bundle.json")) as f:
-        bundle = json.load(f)
-    if model_dir is None:
-        bundle.pop("model_dir", None)  # the evaluate pod's path means nothing here
-    return bool(run_gate(bundle, policy_path, out_dir, model_dir=model_dir).passed)
-
-
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def validation_gate(report: Input[Artifact], policy: str, result: Output[Artifact]) -> NamedTuple(
     "GateOutputs", passed=bool
@@ -41,10 +21,9 @@ def validation_gate(report: Input[Artifact], policy: str, result: Output[Artifac
     """
     from collections import namedtuple
 
-    from components.common import artifact_digest
-    from components.gate import _gate
+    from components.common import artifact_digest, gate_step
 
-    passed = _gate(report.path, policy, result.path, None)
+    passed = gate_step(report.path, policy, result.path, None)
     result.metadata.update({"passed": passed, "sha256": artifact_digest(result.path)})
     return namedtuple("GateOutputs", ["passed"])(passed)
 
@@ -56,9 +35,8 @@ def validation_gate_weights(
     """:func:`validation_gate` plus the policy's weight checks on the merged checkpoint (``merged``)."""
     from collections import namedtuple
 
-    from components.common import artifact_digest, model_path
-    from components.gate import _gate
+    from components.common import artifact_digest, gate_step, model_path
 
-    passed = _gate(report.path, policy, result.path, model_path(merged))
+    passed = gate_step(report.path, policy, result.path, model_path(merged))
     result.metadata.update({"passed": passed, "sha256": artifact_digest(result.path)})
     return namedtuple("GateOutputs", ["passed"])(passed)

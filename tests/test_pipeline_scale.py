@@ -3,8 +3,6 @@ the gate without the model (compiled IR parsed as KFP's own protobuf messages). 
 (PVC creation, mounts) cannot run here: no API server; the volume code path of the steps runs under
 the KFP local runner with a directory standing in for the mounted volume."""
 
-from __future__ import annotations
-
 import json
 from pathlib import Path
 
@@ -198,3 +196,34 @@ def test_run_local_gives_the_gate_the_model_only_for_weight_checks():
     assert _weight_checks("weights: {finite: false, max_abs: null}\n") is False
     assert _weight_checks("weights: {finite: true}\n") is True
     assert _weight_checks("weights: {max_abs: 40}\n") is True
+
+
+def test_gate_step_without_the_model_runs_under_the_local_runner(tmp_path):
+    """The metrics-only gate step as KFP executes it (a subprocess that imports the step's helpers)."""
+    from kfp import dsl, local
+    from kfp.dsl import Artifact, Output
+
+    from components.gate import validation_gate
+
+    @dsl.component(base_image="python:3.11", install_kfp_package=False)
+    def make_report(bundle: str, report: Output[Artifact]) -> None:
+        import os
+
+        os.makedirs(report.path, exist_ok=True)
+        with open(os.path.join(report.path, "bundle.json"), "w") as f:
+            f.write(bundle)
+
+    def m(acc: float, ppl: float) -> dict:
+        return {"tasks": {"arith": {"metric": "accuracy", "value": acc, "n": 20}},
+                "general": {"prose": {"metric": "perplexity", "value": ppl, "n": 500}}}  # fmt: skip
+
+    bundle = {"merged": m(0.75, 20.5), "parents": {"base": m(0.1, 20.0), "math": m(0.8, 24.0)},
+              "experts": {"arith": "math"}, "model_dir": "/nowhere/on/this/pod"}  # fmt: skip
+
+    @dsl.pipeline(name="gate-only")
+    def gate_only(bundle: str) -> bool:
+        rep = make_report(bundle=bundle)
+        return validation_gate(report=rep.outputs["report"], policy="").outputs["passed"]
+
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp"))
+    assert gate_only(bundle=json.dumps(bundle)).output is True
