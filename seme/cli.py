@@ -49,6 +49,11 @@ class _StderrHandler(logging.StreamHandler):
     def stream(self, _value) -> None:
         pass
 
+    def format(self, record: logging.LogRecord) -> str:
+        from seme.errors import redact_url
+
+        return redact_url(super().format(record))  # no password of an endpoint URL in any log line
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -92,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     except SemeError as e:
         if args.debug:
             raise
-        msg = " ".join(str(e).split("\n"))
+        from seme.errors import redact_url
+
+        msg = redact_url(" ".join(str(e).split("\n")))
         print(f"seme: error: {msg}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
