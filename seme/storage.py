@@ -518,25 +518,32 @@ def fetch(
     return final
 
 
-def get_manifest(uri: str, endpoint_url: str | None = None) -> dict[str, Any] | None:
-    """The ``seme_manifest.json`` of a published prefix (one small GET), or None when it has none."""
+def get_manifest_bytes(uri: str, endpoint_url: str | None = None) -> bytes | None:
+    """The raw ``seme_manifest.json`` of a published prefix (one small GET), or None when it has none."""
     from botocore.exceptions import ClientError
 
     bucket, prefix = parse_uri(uri)
     key = f"{prefix}/{MANIFEST}" if prefix else MANIFEST
     s3 = _client(endpoint_url, pool=2)
     try:
-        raw = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
     except ClientError as e:
         if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
             return None
         raise _describe(e, f"s3://{bucket}/{key}", endpoint_url) from None
     except _boto_errors() as e:
         raise _describe(e, f"s3://{bucket}/{key}", endpoint_url) from None
+
+
+def get_manifest(uri: str, endpoint_url: str | None = None) -> dict[str, Any] | None:
+    """The ``seme_manifest.json`` of a published prefix (one small GET), or None when it has none."""
+    raw = get_manifest_bytes(uri, endpoint_url)
+    if raw is None:
+        return None
     try:
         return json.loads(raw)
     except ValueError:
-        raise StorageError(f"s3://{bucket}/{key}: not valid JSON") from None
+        raise StorageError(f"{uri}/{MANIFEST}: not valid JSON") from None
 
 
 def _stat_id(p: Path) -> list[int]:

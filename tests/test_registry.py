@@ -177,9 +177,9 @@ def test_failing_gate_blocks_pilot_and_production(tmp_path, uri, name, capsys):
 
     bad = bundle()
     bad["merged"]["tasks"]["arith"]["value"] = 0.2
-    gate = run_gate(bad, None, tmp_path / "gate")
-    assert not gate.passed
     model = merged_dir(tmp_path / "m")
+    gate = run_gate(bad, None, tmp_path / "gate", model_dir=model)  # the verdict names the checkpoint
+    assert not gate.passed
     (tmp_path / "bundle.json").write_text(json.dumps(bad))
     assert main(["register", str(model), "--name", name, "--gate", str(gate.result_path), "--metrics", str(tmp_path / "bundle.json")]) == 0  # fmt: skip
     out = json.loads(capsys.readouterr().out)
