@@ -203,7 +203,11 @@ def run_local(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2, default=str))
     else:
         print_summary(summary)
-    return 0 if summary["status"] == "SUCCEEDED" else 1
+    if summary["status"] != "SUCCEEDED":
+        from seme.errors import PipelineError
+
+        raise PipelineError(f"pipeline run {summary['status'].lower()}: {summary.get('error') or 'see ' + summary['log']}")
+    return 0
 
 
 def run_schedule(args: argparse.Namespace) -> int:
