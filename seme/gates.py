@@ -517,6 +517,10 @@ def run_gate(
     """Validate a metrics bundle against a policy; write ``gate_result.json`` and ``gate_summary.md``."""
     policy = load_policy(policy_path)
     bundle, where = load_bundle(bundle_path)
+    md = model_dir or bundle.get("model_dir")
+    judged = None  # the checkpoint this verdict is about (register refuses a result without it)
+    if model_dir is not None or (md and (is_s3(md) or Path(md).is_dir())):
+        judged = {"path": str(md), "digest": checkpoint_digest(md)}
     rows = build_table(bundle, policy)
     ctx = _gx_context()
     results = [
@@ -533,10 +537,6 @@ def run_gate(
         wrows = weight_table(md)
         results.append(("weights", _validate(ctx, "weights", wrows, wexps, "tensor")))
 
-    md = model_dir or bundle.get("model_dir")
-    judged = None
-    if model_dir is not None or (md and (is_s3(md) or Path(md).is_dir())):
-        judged = {"path": str(md), "digest": checkpoint_digest(md)}
     rows_by_check = {r["check"]: r for r in rows}
     checks: list[dict[str, Any]] = []
     gx_json: list[dict[str, Any]] = []
