@@ -29,7 +29,6 @@ def register_model(
     import os
 
     from seme import registry
-
     from seme.gates import verify_gate_binding
 
     tracking_uri = mlflow_tracking_uri or None

@@ -25,9 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_fetch(args: argparse.Namespace) -> int:
-    from seme.storage import fetch
-
     from seme.errors import ConfigError
+    from seme.storage import fetch
 
     if args.workers < 1 or args.retries < 0:
         raise ConfigError("--workers must be at least 1 and --retries at least 0")

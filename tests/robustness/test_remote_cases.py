@@ -106,7 +106,7 @@ POLICY_OK = "version: 1\ngeneral: {}\n"  # expert retention only (the bundles he
 
 
 def good_bundle() -> dict:
-    m = lambda v: {"tasks": {"arith": {"metric": "accuracy", "value": v}}, "general": {}}  # noqa: E731
+    m = lambda v: {"tasks": {"arith": {"metric": "accuracy", "value": v}}, "general": {}}
     return {"merged": m(0.8), "parents": {"base": m(0.1), "math": m(0.8)}, "experts": {"arith": "math"}}
 
 
@@ -548,7 +548,7 @@ def test_gate_model_dir_missing(world, case):
 def test_gate_signed_metrics_checked_relative_to_their_magnitude(world, case):
     """log-prob (higher is better, negative). 'story': merged -9 vs expert -1 is far worse, though a
     ratio would say 9 >= 0.9; 'poem': merged -1.05 vs -1 is within 10 %. One real gate run."""
-    m = lambda s, p: {"tasks": {"story": {"metric": "logprob", "value": s},  # noqa: E731
+    m = lambda s, p: {"tasks": {"story": {"metric": "logprob", "value": s},
                                 "poem": {"metric": "logprob", "value": p}}, "general": {}}
     bundle = {"merged": m(-9.0, -1.05), "parents": {"base": m(-20.0, -20.0), "writer": m(-1.0, -1.0)},
               "experts": {"story": "writer", "poem": "writer"}}  # fmt: skip
