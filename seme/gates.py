@@ -8,10 +8,17 @@ The bundle becomes a table with one row per check (an expert's task, a general m
 the merged model reports without a specialist); the policy becomes expectations on that table:
 
 - every expected task is present (``expect_column_distinct_values_to_contain_set``),
-- on each expert's task, merged / expert >= r (or <= 1/r for lower-is-better metrics),
+- on each expert's task, merged / expert >= r (or <= 1/r for lower-is-better metrics); against a
+  negative reference (signed metrics such as log-probabilities) the "ratio" is the change relative
+  to its magnitude, 1 + (merged - ref) / |ref|, so a ratio of two negatives never passes a worse model,
 - each general metric, merged / base <= 1 + p (lower is better) or >= 1 - d (higher is better),
 - every value used is present and finite (``expect_column_values_to_not_be_null`` / ``_be_between``),
 - optionally, weight checks on the merged checkpoint (a second table: one row per tensor).
+
+The result records which checkpoint it judged (``model``: path and :func:`checkpoint_digest`), and
+``seme register`` refuses a result that does not name the checkpoint being registered
+(:func:`verify_gate_binding`). Policies carry a ``version`` (only 1 exists; others are refused) and
+are type-checked (``tasks: arithmetic`` is an error, not five one-letter tasks).
 
 Each expectation carries a ``meta.check`` id and a human sentence, so the Markdown summary can name
 every failed expectation with the numbers behind it. The GX validation results are kept verbatim
