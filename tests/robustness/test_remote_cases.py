@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import yaml
 from safetensors.numpy import load_file, save_file
-from services import DUMMY_AWS, CuttingProxy, free_port
+from services import DUMMY_AWS, CuttingProxy
 
 from robustness.harness import assert_clean_failure, run_seme, run_seme_inproc, seme_env, snapshot
 
@@ -156,6 +156,17 @@ def fail(world: World, argv: list, names: str | list[str], out: Path | None = No
     return assert_clean_failure(r, names=names, out=out, before=before, roots=(world.root / "in",))
 
 
+@pytest.fixture
+def dead_port() -> Iterator[int]:
+    """A port nothing answers on, held (bound, never listening) so no other process can take it: a
+    connection to it is refused, as to a server that is down."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
+
+
 def no_partials(parent: Path) -> None:
     left = [p.name for p in parent.iterdir() if ".partial-" in p.name] if parent.is_dir() else []
     assert not left, f"partial downloads left: {left}"
@@ -176,8 +187,8 @@ def test_fetch_wrong_bucket(world, case):
     fail(world, ["fetch", uri, case / "d"], ["no such bucket", uri.split("/")[2]], out=case / "d")
 
 
-def test_fetch_dead_endpoint(world, case):
-    dead = f"http://127.0.0.1:{free_port()}"
+def test_fetch_dead_endpoint(world, case, dead_port):
+    dead = f"http://127.0.0.1:{dead_port}"
     fail(world, ["fetch", world.uri("x"), case / "d", "--endpoint-url", dead], ["cannot reach", dead], out=case / "d")
 
 
@@ -276,8 +287,8 @@ def test_fetch_unsafe_key_in_listing(world, case):
     fail(world, ["fetch", uri, case / "d"], "refusing unsafe object key", out=case / "d")
 
 
-def test_fetch_endpoint_password_is_masked(world, case):
-    dead = f"http://AKIAUSER:s3cr3t-pw-771@127.0.0.1:{free_port()}"
+def test_fetch_endpoint_password_is_masked(world, case, dead_port):
+    dead = f"http://AKIAUSER:s3cr3t-pw-771@127.0.0.1:{dead_port}"
     r = run_seme(["fetch", world.uri("x"), case / "d", "--endpoint-url", dead, "--debug"], env=world.env())
     assert r.rc != 0 and "s3cr3t-pw-771" not in r.stderr + r.stdout  # not even with --debug's logs
     line = fail(world, ["fetch", world.uri("x"), case / "d", "--endpoint-url", dead], "cannot reach", proc=True)
@@ -631,9 +642,9 @@ def test_register_bad_tag(world, case):
     assert _registry_state(world, name) == ({}, 0)
 
 
-def test_register_with_mlflow_down_is_one_line(world, case):
+def test_register_with_mlflow_down_is_one_line(world, case, dead_port):
     name = _name()
-    dead = f"http://127.0.0.1:{free_port()}"
+    dead = f"http://127.0.0.1:{dead_port}"
     r = run_seme(["register", world.model, "--name", name, "--gate", world.gate, "--tracking-uri", dead], env=world.env())
     assert_clean_failure(r, names=[dead, "unreachable"])
     assert len(r.stderr.strip().splitlines()) == 1, f"MLflow down must print one line\n{r}"
@@ -711,16 +722,16 @@ def test_promote_failing_in_the_middle_is_undone(world, case, promoted):
     assert _registry_state(world, name)[0] == before  # read back from the real server
 
 
-def test_rollback_with_mlflow_down_moves_nothing(world, case, promoted):
+def test_rollback_with_mlflow_down_moves_nothing(world, case, promoted, dead_port):
     name, before = promoted
-    dead = f"http://127.0.0.1:{free_port()}"
+    dead = f"http://127.0.0.1:{dead_port}"
     fail(world, ["rollback", name, "--tracking-uri", dead], [dead, "unreachable"])
     assert _registry_state(world, name)[0] == before
 
 
-def test_promote_tracking_password_is_masked(world, case, promoted):
+def test_promote_tracking_password_is_masked(world, case, promoted, dead_port):
     name, before = promoted
-    dead = f"http://admin:mlflow-pw-4471@127.0.0.1:{free_port()}"
+    dead = f"http://admin:mlflow-pw-4471@127.0.0.1:{dead_port}"
     r = run_seme(["promote", name, "--tracking-uri", dead], env=world.env())
     assert_clean_failure(r, names="***@127.0.0.1")
     assert "mlflow-pw-4471" not in r.stderr + r.stdout
@@ -799,10 +810,10 @@ def test_pipeline_run_local_validates_before_the_first_step(world, case, run_cfg
     assert not work.exists(), "nothing ran: no pipeline root, no published inputs"
 
 
-def test_pipeline_schedule_refuses_a_bad_service_account(world, case, run_cfg):
+def test_pipeline_schedule_refuses_a_bad_service_account(world, case, run_cfg, dead_port):
     cfg = case / "s3cfg.yaml"
     cfg.write_text(yaml.safe_dump({"merge_method": "linear", "models": [{"model": world.uri("a")}, {"model": world.uri("b")}]}))
-    dead = f"http://127.0.0.1:{free_port()}"
+    dead = f"http://127.0.0.1:{dead_port}"
     fail(world, ["pipeline", "schedule", cfg, "--cron", "0 0 3 * * *", "--host", dead, "--service-account", "Bad_SA"],
          "--service-account 'Bad_SA'")  # fmt: skip
 
