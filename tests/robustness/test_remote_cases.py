@@ -722,6 +722,22 @@ def test_promote_failing_in_the_middle_is_undone(world, case, promoted):
     assert _registry_state(world, name)[0] == before  # read back from the real server
 
 
+def test_promote_server_down_for_a_while_mid_way_is_undone_when_it_returns(world, case, promoted):
+    """After step 1 the alias endpoint fails for 5 requests: step 2's two tries and the first three
+    tries of the undo. The undo retries longer than a forward move (5 tries here), so the registry
+    ends exactly as it was."""
+    name, before = promoted
+    proxy = CuttingProxy(world.mlflow)
+    try:
+        proxy.fail_requests("registered-models/alias", skip=1, count=5)
+        r = run_seme(["promote", name, "--tracking-uri", proxy.url], env=world.env())
+        assert_clean_failure(r, names=["set alias production", "undid previous-production"])
+        assert proxy.dropped == 5
+    finally:
+        proxy.close()
+    assert _registry_state(world, name)[0] == before
+
+
 def test_rollback_with_mlflow_down_moves_nothing(world, case, promoted, dead_port):
     name, before = promoted
     dead = f"http://127.0.0.1:{dead_port}"
