@@ -46,7 +46,7 @@ from seme.checkpoint import (
 )
 from seme.config import MergeConfig, ParamResolver
 from seme.errors import CheckpointError, ConfigError
-from seme.fsutil import atomic_dir, sha256_file
+from seme.fsutil import atomic_dir, check_out_dir, clean_stale_temps, sha256_file
 from seme.methods import gta
 
 HASH_CACHE_ENV = "SEME_HASH_CACHE"  # directory of cached input digests; "off" disables the cache
@@ -244,6 +244,9 @@ def run_merge(
     out_code = parse_dtype_code(cfg.out_dtype)
     if spec.name != "seme" and alignment is not None:
         raise ConfigError("--alignment is only used with merge_method: seme")
+    protect = [cfg.base_model, *(m.model for m in cfg.models), cfg.tokenizer_source, alignment, config_path]
+    out_path = check_out_dir(out_dir, overwrite, protect=protect)  # fail fast, before any work
+    clean_stale_temps(out_path.parent)
     sources, base = open_inputs(cfg, allow_pickle=allow_pickle)
     anchor = base or sources[0]
     arch = anchor.architecture
@@ -380,7 +383,8 @@ def run_merge(
     produce = bits_tensor if bit_path else torch_tensor
     written = 0
     outputs = _OutputPool(max((math.prod(s) * ITEMSIZE[d] for _, s, d in plan), default=0))
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    protect += [ck.path for ck in inputs]  # s3:// inputs: their local copies
+    with atomic_dir(out_dir, overwrite=overwrite, protect=protect) as tmp:
         writer = CheckpointWriter(tmp, plan, cfg.shard_bytes())
         try:
             bar = _progress(len(plan), progress)

@@ -221,8 +221,16 @@ def test_existing_output_needs_overwrite(tmp_path, tiny_model, capsys):
     rc, _, err = _run(capsys, "merge", cfg, out)
     _assert_one_line_error(rc, err, "already exists", "--overwrite")
     assert (out / "keep.txt").read_text() == "mine"
-    assert _run(capsys, "merge", cfg, out, "--overwrite")[0] == 0
-    assert (out / "model.safetensors").exists() and not (out / "keep.txt").exists()
+    # --overwrite replaces only a finished seme output, never a user's directory
+    rc, _, err = _run(capsys, "merge", cfg, out, "--overwrite")
+    _assert_one_line_error(rc, err, str(out), "not a finished seme output")
+    assert (out / "keep.txt").read_text() == "mine"
+    out2 = tmp_path / "out2"
+    assert _run(capsys, "merge", cfg, out2)[0] == 0
+    (out2 / "extra.txt").write_text("from the first run")
+    assert _run(capsys, "merge", cfg, out2, "--overwrite")[0] == 0
+    assert (out2 / "model.safetensors").exists() and not (out2 / "extra.txt").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
