@@ -1098,7 +1098,7 @@ def align(config: Any, out_dir: str | os.PathLike, device: str = "cpu", overwrit
     cfg = config if isinstance(config, MergeConfig) else load_config(config)
     if cfg.merge_method != "seme":
         raise ConfigError(f"seme align needs merge_method: seme, the config has {cfg.merge_method!r}")
-    protect = [cfg.base_model, *(m.model for m in cfg.models), cfg.tokenizer_source,
+    protect = [cfg.base_model, *(m.model for m in cfg.models),
                config if isinstance(config, (str, os.PathLike)) else None]
     clean_stale_temps(check_out_dir(out_dir, overwrite, protect=protect).parent)  # fail fast
     sources = [open_checkpoint(m.model, allow_pickle=allow_pickle) for m in cfg.models]

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
 from seme.errors import ConfigError
 
@@ -47,7 +47,7 @@ class MergeConfig(BaseModel):
     out_dtype: str | None = None
     seed: int = 0
     tokenizer_source: str | None = None
-    out_shard_size: int | str | None = None
+    out_shard_size: StrictInt | StrictStr | None = None
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
 
     def sha256(self) -> str:
@@ -186,7 +186,10 @@ def load_config(path_or_dict: str | Path | dict[str, Any]) -> MergeConfig:
             raise ConfigError(f"{source}: {key} {val!r} is not one of {', '.join(COMPUTE_DTYPES)}")
     from seme import methods  # the registry validates method names and parameters
 
-    spec = methods.get(cfg.merge_method)
+    try:
+        spec = methods.get(cfg.merge_method)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
     valid = set(spec.global_params) | set(spec.model_params)
     for k in cfg.parameters:
         if k not in valid:
