@@ -522,11 +522,15 @@ class CheckpointWriter:
             raw += b" " * (-len(raw) % 8)
             path = self.out_dir / self.filenames[i]
             fh = open(path, "wb")  # noqa: SIM115 - kept open while tensors stream in; closed in close()/abort()
-            fh.write(struct.pack("<Q", len(raw)))
-            fh.write(raw)
-            base = fh.tell()
-            fh.truncate(base + off)
-            self._files.append((fh, base))
+            self._files.append((fh, 0))
+            try:
+                fh.write(struct.pack("<Q", len(raw)))
+                fh.write(raw)
+                base = fh.tell()
+                fh.truncate(base + off)
+            except OSError as e:
+                raise OSError(e.errno, e.strerror, str(path)) from None
+            self._files[-1] = (fh, base)
             self._hashes.append([hashlib.sha256(struct.pack("<Q", len(raw)) + raw), 0, off])
         self._written: set[str] = set()
 
@@ -549,8 +553,11 @@ class CheckpointWriter:
             data = np.ascontiguousarray(tensor).reshape(-1).view(np.uint8)
         else:
             data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        fh.seek(base + slot.begin)
-        fh.write(memoryview(data))
+        try:
+            fh.seek(base + slot.begin)
+            fh.write(memoryview(data))
+        except OSError as e:  # disk full …: name the file (atomic_dir reports it under OUT_DIR)
+            raise OSError(e.errno, e.strerror, str(self.out_dir / self.filenames[slot.shard])) from None
         self._written.add(name)
         if hash:
             self.hash_update(name, data)
@@ -579,8 +586,11 @@ class CheckpointWriter:
 
     def close(self) -> list[str]:
         """Close the files; write the index for sharded output. Returns the file names."""
-        for fh, _ in self._files:
-            fh.close()
+        for i, (fh, _) in enumerate(self._files):
+            try:
+                fh.close()  # flushes: may fail on a full disk
+            except OSError as e:
+                raise OSError(e.errno, e.strerror, str(self.out_dir / self.filenames[i])) from None
         missing = [n for n, _, _ in self.plan if n not in self._written]
         if missing:
             raise CheckpointError(f"internal: tensor {missing[0]} was planned but never written")
@@ -596,7 +606,10 @@ class CheckpointWriter:
 
     def abort(self) -> None:
         for fh, _ in self._files:
-            fh.close()
+            try:
+                fh.close()
+            except OSError:  # already failing; the temp dir is removed
+                pass
 
 
 def _numel(shape: Iterable[int]) -> int:
