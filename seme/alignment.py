@@ -385,7 +385,7 @@ def read_vocab(path: Path) -> dict[str, int] | None:
         data = read_json(vj, AlignmentError, "vocab JSON")
         try:
             if not isinstance(data, dict):
-                raise ValueError(f"a {type(data).__name__}, not an object of token -> id")
+                raise TypeError(f"a {type(data).__name__}, not an object of token -> id")
             return {str(k): _token_id(v) for k, v in data.items()}
         except (ValueError, TypeError) as e:
             raise AlignmentError(f"{vj}: invalid vocab JSON ({e})") from None

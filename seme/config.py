@@ -111,7 +111,7 @@ def load_yaml(p: Path, error: type[Exception] = ConfigError) -> Any:
         if node is None:
             return None
         _check_expanded_size(node, p, error)
-        return yaml.load(text, Loader=yaml.SafeLoader)  # noqa: S506 - SafeLoader
+        return yaml.load(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as e:
         raise error(f"{p}: invalid YAML ({str(e).splitlines()[0][:300]})") from None
     except RecursionError:

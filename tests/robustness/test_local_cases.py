@@ -401,7 +401,7 @@ def _header_edit(fn: Callable[[dict], object]):
 
 
 def _first_tensor(h: dict) -> str:
-    return sorted(k for k in h if k != "__metadata__")[0]
+    return min(k for k in h if k != "__metadata__")
 
 
 def _retype(h: dict) -> None:
@@ -482,7 +482,8 @@ WEIGHTS = {
     "st-shape-mismatch": (_header_edit(_reshape), _st_file),
     "st-offsets-short": (_header_edit(_offsets), _st_file),
     "st-entry-not-object": (_header_edit(_tensor_entry), _st_file),
-    "st-trailing-garbage": (lambda m: open(m / "model.safetensors", "ab").write(b"junk"), _st_file),
+    "st-trailing-garbage": (lambda m: (m / "model.safetensors").write_bytes(
+        (m / "model.safetensors").read_bytes() + b"junk"), _st_file),
     "st-fifo": (_fifo("model.safetensors"), lambda m: [str(m / "model.safetensors"), "regular file"]),
     "st-directory": (lambda m: ((m / "model.safetensors").unlink(), (m / "model.safetensors").mkdir()),
                      _st_file),
