@@ -54,7 +54,7 @@ HASH_CACHE_ENV = "SEME_HASH_CACHE"  # directory of cached input digests; "off" d
 #: in row blocks of about CHUNK_BYTES per input, so temporaries (e.g. a float32 accumulator) stay
 #: small and every pass over a block runs in the CPU cache: 256 KiB blocks made linear 3.8x and task
 #: arithmetic 2.4x faster than whole 32 MiB tensors (bf16, one thread), with bit-identical results.
-ELEMENTWISE = frozenset({"linear", "task_arithmetic"})
+ELEMENTWISE = frozenset({"linear", "task_arithmetic", "nearswap"})
 CHUNK_BYTES = 256 << 10
 #: "off": never use the fused CPU kernels (seme.methods.fused); "torch": use them only on torch
 #: tensors (not the torch-free path); unset: wherever they apply

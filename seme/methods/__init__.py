@@ -57,6 +57,11 @@ _BUILTIN_MODULES = (
     "seme.methods.gta",
     "seme.methods.slerp",
     "seme.methods.model_stock",
+    "seme.methods.sparse_gta",
+    "seme.methods.sce",
+    "seme.methods.spherical",
+    "seme.methods.arcee_fusion",
+    "seme.methods.nearswap",
 )
 # Registered by other parts of seme; absent modules are tolerated (only the module itself).
 _OPTIONAL_MODULES = ("seme.seme_merge",)
