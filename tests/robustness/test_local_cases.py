@@ -509,6 +509,51 @@ WEIGHTS = {
 for _n, (_mut, _names) in WEIGHTS.items():
     case(_n)(bad_model(_mut, _names, process="fifo" in _n or "dev-zero" in _n))
 
+def _pickle_allowed(payload: Callable[[Path], object], names: Callable[[Path], list[str]]):
+    """A pickle checkpoint that --allow-pickle still must not load (corrupt, or code to run)."""
+    def build(d: Path, w: World) -> Spec:
+        m = copy_model(w.expert, d)
+        (m / "model.safetensors").unlink()
+        payload(m)
+        s = merge_with(d, w, m, names=names(m), extra_args=("--allow-pickle",))
+        return s
+    return build
+
+
+class _RunsCode:
+    """Unpickling this would create a file next to the checkpoint (weights_only must refuse it)."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+
+    def __reduce__(self):
+        return (os.mkdir, (self.target,))
+
+
+def _code_pickle(m: Path) -> None:
+    import pickle
+
+    with open(m / "pytorch_model.bin", "wb") as f:
+        pickle.dump({"model.norm.weight": _RunsCode(str(m / "PWNED"))}, f)
+
+
+case("st-pickle-corrupt-allowed")(_pickle_allowed(
+    lambda m: (m / "pytorch_model.bin").write_bytes(b"\x80\x04garbage"), lambda m: [str(m / "pytorch_model.bin")]))
+case("st-pickle-runs-code-allowed")(_pickle_allowed(_code_pickle, lambda m: [str(m / "pytorch_model.bin")]))
+
+
+@case("cfg-model-is-a-file")
+def _(d, w):
+    return merge_with(d, w, w.base / "config.json", names=[str(w.base / "config.json")])
+
+
+@case("inspect-config-fifo")
+def _(d, w):
+    m = copy_model(w.expert, d)
+    _fifo("config.json")(m)
+    return Spec(["inspect", m], [str(m / "config.json"), "regular file"], process=True)
+
+
 # -- checkpoints: index ------------------------------------------------------------------------
 
 
