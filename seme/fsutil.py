@@ -232,6 +232,8 @@ def rename_noreplace(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     except OSError as e:
         if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
             raise FileExistsError(e.errno, "exists", str(dst)) from None
+        with contextlib.suppress(OSError):
+            os.rmdir(dst)  # our empty claim
         raise
 
 

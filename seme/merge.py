@@ -274,8 +274,8 @@ def run_merge(
                 cfg, sources, base, Path(alignment) if alignment else None, str(dev)
             )
         except ConfigError as e:
-            raise ConfigError(f"{config_path or 'merge config'}: {e}") if config_path and config_path not in str(e) \
-                else e from None
+            raise (ConfigError(f"{e} (config {config_path})") if config_path and config_path not in str(e)
+                   else e) from None
 
     resolver = ParamResolver(cfg, spec.global_params, spec.model_params)
 
@@ -408,7 +408,7 @@ def run_merge(
                     try:
                         merged = produce(i, name, odc)
                     except ConfigError as e:  # a parameter that is bad for this tensor: say where
-                        raise ConfigError(f"{config_path or 'merge config'}: tensor {name}: {e}") from None
+                        raise ConfigError(f"{e} (tensor {name}, config {config_path or 'given'})") from None
                     for f in pending:  # at most one tensor being written: bounded memory
                         f.result()
                     # the write (a memcpy into the page cache) and the sha256 of the same bytes,
