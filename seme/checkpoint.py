@@ -309,8 +309,9 @@ class Checkpoint:
     def architecture(self) -> Architecture:
         if self._arch is None:
             arch = resolve(self.config, str(self.path / "config.json"))
-            layers = {arch.layer_of(n) for n in self.names} - {None}
-            if layers and (max(layers) + 1 != arch.num_layers):  # type: ignore[operator]
+            # the decoder layers the family's tables recognise (not a vision tower's, not unknown names)
+            layers = {r.layer for r in map(arch.role, self.names) if r.kind != "other"} - {None}
+            if arch.known and layers and max(layers) + 1 != arch.num_layers:  # type: ignore[operator]
                 raise CheckpointError(
                     f"{self.path / 'config.json'}: num_hidden_layers is {arch.num_layers} but the weights "
                     f"have layers 0..{max(layers)}"  # type: ignore[type-var]
