@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -226,3 +227,42 @@ def test_owner_tagged_temp_names(tmp_path):
         d.mkdir()
     assert clean_stale_temps(tmp_path) == [stale]
     assert mine.exists() and other_host.exists() and user.exists() and not stale.exists()
+
+
+def _finished(d: Path, tag: str) -> None:
+    (d / "seme_manifest.json").write_text(json.dumps({"seme_version": "test", "tag": tag}))
+
+
+@pytest.mark.parametrize("renameat2", [True, False], ids=["renameat2", "no-renameat2"])
+def test_atomic_dir_never_clobbers(tmp_path, monkeypatch, renameat2):
+    """The final step on this kernel (renameat2) and on one without it (a C library lacking the call:
+    the mkdir-claim fallback): a directory that appears meanwhile is kept; --overwrite swaps only a
+    finished output, and a user's directory put in its place meanwhile is kept too."""
+    from seme import fsutil
+    from seme.errors import OutputError
+
+    if not renameat2:
+        monkeypatch.setattr(fsutil, "_LIBC", [object()])  # stands for a libc without renameat2
+    out = tmp_path / "out"
+    with fsutil.atomic_dir(out) as t:
+        _finished(t, "first")
+    assert json.loads((out / "seme_manifest.json").read_text())["tag"] == "first"
+
+    late = tmp_path / "late"
+    with pytest.raises(OutputError, match="appeared"), fsutil.atomic_dir(late) as t:
+        _finished(t, "mine")
+        late.mkdir()
+        (late / "theirs.txt").write_text("theirs")
+    assert [p.name for p in late.iterdir()] == ["theirs.txt"]
+
+    with fsutil.atomic_dir(out, overwrite=True) as t:
+        _finished(t, "second")
+    assert json.loads((out / "seme_manifest.json").read_text())["tag"] == "second"
+
+    with pytest.raises(OutputError, match="not a finished seme output"), fsutil.atomic_dir(out, overwrite=True) as t:
+        _finished(t, "third")
+        shutil.rmtree(out)
+        out.mkdir()
+        (out / "theirs.txt").write_text("theirs")
+    assert [p.name for p in out.iterdir()] == ["theirs.txt"]
+    assert leftover_temps(tmp_path) == []
