@@ -908,3 +908,21 @@ def test_bad_local_input(name: str, world: World, tmp_path: Path) -> None:
         assert spec.cwd is None
         r = run_seme_inproc(argv)
     assert_clean_failure(r, names=spec.names, out=spec.out, before=before, roots=roots, rc=spec.rc)
+
+
+#: one case per kind, run again as a real ``python -m seme`` process: the in-process runs above must
+#: not hide what only a process shows (exit status, stderr as printed, imports, signal handlers)
+AS_PROCESS = ("cfg-alias-bomb", "cfg-deep-list-5000", "cfg-non-utf8", "param-weight-string", "ckpt-config-list",
+              "ckpt-layers-40", "st-nan", "st-truncated-half", "idx-shard-dotdot-real", "out-overwrite-input-model",
+              "al-tensors-byte-flipped", "inspect-config-list")
+
+
+@pytest.mark.parametrize("name", AS_PROCESS)
+def test_bad_local_input_as_process(name: str, world: World, tmp_path: Path) -> None:
+    d = tmp_path / "case"
+    d.mkdir()
+    spec = CASES[name](d, world)
+    roots = (*world.roots(), d)
+    before = snapshot(*roots)
+    r = run_seme(["-q", *spec.argv], cwd=spec.cwd, timeout=120)
+    assert_clean_failure(r, names=spec.names, out=spec.out, before=before, roots=roots, rc=spec.rc)
