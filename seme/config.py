@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from seme.errors import ConfigError
 
@@ -47,7 +47,7 @@ class MergeConfig(BaseModel):
     out_dtype: str | None = None
     seed: int = 0
     tokenizer_source: str | None = None
-    out_shard_size: StrictInt | StrictStr | None = None
+    out_shard_size: StrictInt | StrictFloat | StrictStr | None = None  # not a bool
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
 
     def sha256(self) -> str:
@@ -59,14 +59,14 @@ class MergeConfig(BaseModel):
         return parse_size(self.out_shard_size) if self.out_shard_size is not None else 2 * 1024**3
 
 
-def parse_size(v: int | str) -> int:
+def parse_size(v: float | str) -> int:
     """``"2GB"`` / ``"500M"`` / ``1000`` -> bytes (decimal units for B/KB/MB/GB, binary for KiB...).
 
     A size must be a finite positive number of bytes; anything else is a ConfigError."""
     bad = ConfigError(f"out_shard_size: cannot parse {v!r} (a positive size such as 2GB, 500MB, 1000000)")
     if isinstance(v, bool):
         raise bad
-    if isinstance(v, int):
+    if isinstance(v, (int, float)):
         n = float(v)
     else:
         s = str(v).strip().upper().replace(" ", "")

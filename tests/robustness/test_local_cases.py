@@ -246,6 +246,8 @@ CONFIG_TEXT = {
     "cfg-dtype-list": (_GOOD + "dtype: [float32]\n", "dtype"),
     "cfg-shard-inf": (_GOOD + "out_shard_size: infGB\n", "out_shard_size"),
     "cfg-shard-nan": (_GOOD + "out_shard_size: nanGB\n", "out_shard_size"),
+    "cfg-shard-yaml-inf": (_GOOD + "out_shard_size: .inf\n", "out_shard_size"),
+    "cfg-shard-list": (_GOOD + "out_shard_size: [1GB]\n", "out_shard_size"),
     "cfg-shard-negative": (_GOOD + "out_shard_size: -5\n", "out_shard_size"),
     "cfg-shard-negative-str": (_GOOD + "out_shard_size: -5MB\n", "out_shard_size"),
     "cfg-shard-zero": (_GOOD + "out_shard_size: 0\n", "out_shard_size"),
