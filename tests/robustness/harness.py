@@ -142,3 +142,20 @@ def assert_clean_failure(r: Result, *, names: str | list[str] | None = None, out
         changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
         assert not changed, f"files changed or removed by a failed run: {changed[:10]}\n{r}"
     return line
+
+
+def try_mount_tmpfs(where: Path, size: str, *, ro: bool = False) -> str | None:
+    """Mount a tmpfs of ``size`` at ``where`` (e.g. a small disk to fill); None on success, else why
+    not (not root, no ``mount`` permission in this container) for a ``pytest.skip``. Unmount with
+    :func:`umount`."""
+    if os.geteuid() != 0:
+        return "mounting a tmpfs needs root"
+    Path(where).mkdir(parents=True, exist_ok=True)
+    opts = f"size={size}" + (",ro" if ro else "")
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)], capture_output=True, text=True,
+                       check=False)
+    return None if p.returncode == 0 else f"mount -t tmpfs not permitted here: {p.stderr.strip()[:200]}"
+
+
+def umount(where: Path) -> None:
+    subprocess.run(["umount", "-l", str(where)], capture_output=True, check=False)
