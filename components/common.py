@@ -131,22 +131,28 @@ def record_pipeline_status(
     return registry.record_pipeline_status(pipeline_run, state, error, registered_model_name, tracking_uri)
 
 
-def gate_step(report_dir: str, policy: str, out_dir: str, model_dir: str | None) -> bool:
+def gate_step(report_dir: str, policy: str, out_dir: str, model_dir: str, weights: bool) -> bool:
     """The gate steps' body: ``seme.gates.run_gate`` on ``report_dir/bundle.json`` with the policy text
-    (empty: default); ``model_dir`` None: metrics only (the bundle's model path is dropped)."""
+    (empty: default), bound to ``model_dir`` (the merged checkpoint, or a directory holding just its
+    ``seme_manifest.json`` when ``weights`` is False: same identity, no weights to read)."""
     import json
     import os
     import tempfile
 
-    from seme.gates import run_gate
+    from seme.errors import ConfigError
+    from seme.gates import load_policy, run_gate, weight_expectations
 
     policy_path = None
     if policy.strip():
         fd, policy_path = tempfile.mkstemp(suffix=".yaml")
         with os.fdopen(fd, "w") as f:
             f.write(policy)
+    if not weights and weight_expectations(load_policy(policy_path)):
+        raise ConfigError(
+            "gate_policy asks for weight checks, but this pipeline's gate does not read the weights: "
+            "compile it with `seme pipeline compile --gate-weight-check`"
+        )
     with open(os.path.join(report_dir, "bundle.json")) as f:
         bundle = json.load(f)
-    if model_dir is None:
-        bundle.pop("model_dir", None)  # the evaluate pod's path means nothing here
+    bundle.pop("model_dir", None)  # the evaluate pod's path means nothing here
     return bool(run_gate(bundle, policy_path, out_dir, model_dir=model_dir).passed)

@@ -9,12 +9,13 @@ from components.common import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def validation_gate(report: Input[Artifact], policy: str, result: Output[Artifact]) -> NamedTuple(
-    "GateOutputs", passed=bool
-):
+def validation_gate(
+    report: Input[Artifact], manifest: Input[Artifact], policy: str, result: Output[Artifact]
+) -> NamedTuple("GateOutputs", passed=bool):
     """Run the gate on the evaluation report's ``bundle.json``; ``passed`` drives the branch.
 
-    ``policy`` is the policy YAML text (empty: the default policy). The model is not an input: a
+    ``policy`` is the policy YAML text (empty: the default policy). The model is not an input, only
+    its ``seme_manifest.json`` (``manifest``), which binds the verdict to the checkpoint it judged; a
     policy with weight checks needs the pipeline compiled with ``--gate-weight-check``
     (:func:`validation_gate_weights`). A failed gate is not a failed step: the step succeeds with
     ``passed = False`` and the pipeline registers the version as failed. Metadata: ``passed``, ``sha256``.
@@ -23,7 +24,7 @@ def validation_gate(report: Input[Artifact], policy: str, result: Output[Artifac
 
     from components.common import artifact_digest, gate_step
 
-    passed = gate_step(report.path, policy, result.path, None)
+    passed = gate_step(report.path, policy, result.path, manifest.path, weights=False)
     result.metadata.update({"passed": passed, "sha256": artifact_digest(result.path)})
     return namedtuple("GateOutputs", ["passed"])(passed)
 
@@ -37,6 +38,6 @@ def validation_gate_weights(
 
     from components.common import artifact_digest, gate_step, model_path
 
-    passed = gate_step(report.path, policy, result.path, model_path(merged))
+    passed = gate_step(report.path, policy, result.path, model_path(merged), weights=True)
     result.metadata.update({"passed": passed, "sha256": artifact_digest(result.path)})
     return namedtuple("GateOutputs", ["passed"])(passed)

@@ -16,6 +16,7 @@ def merge_checkpoints(
     s3_endpoint: str,
     pipeline_run: str,
     merged: Output[Model],
+    manifest: Output[Artifact],
     device: str = "auto",
     volume_dir: str = "",
 ) -> None:
@@ -25,8 +26,10 @@ def merge_checkpoints(
     Metadata: ``uri`` (published location), ``sha256``, ``method``, ``config_sha256``, ``sources``
     (``[{uri, sha256}]`` of the verified inputs, as the registry's ``seme.sources`` tag wants them),
     and ``volume_path`` when ``volume_dir`` (``--pvc`` mode) put the merged checkpoint on the run's volume.
+    ``manifest``: the merged checkpoint's ``seme_manifest.json`` alone (its identity, for the gate).
     """
     import os
+    import shutil
 
     import yaml
 
@@ -42,6 +45,12 @@ def merge_checkpoints(
     if out != merged.path:
         os.makedirs(merged.path, exist_ok=True)
         merged.metadata["volume_path"] = out
+    # the merged checkpoint's identity, small enough to go where the model need not (the gate)
+    os.makedirs(manifest.path, exist_ok=True)
+    shutil.copyfile(
+        os.path.join(out, "seme_manifest.json"), os.path.join(manifest.path, "seme_manifest.json")
+    )
+    manifest.metadata["sha256"] = artifact_digest(manifest.path)
     uri = ""
     if output_uri:
         uri = f"{output_uri.rstrip('/')}/{pipeline_run}"

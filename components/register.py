@@ -34,7 +34,8 @@ def register_model(
 
     tracking_uri = mlflow_tracking_uri or None
     gate_file = os.path.join(gate_result.path, "gate_result.json")
-    # alias: pilot is set by the registry itself, and only for a passed gate (the file's verdict)
+    # register_version refuses a gate result about another checkpoint; pilot is set by the registry
+    # itself, and only for a passed gate (the file's verdict)
     passed = gate_passed and registry.gate_passed(gate_file)
     # an MLflow model (transformers + pyfunc) whose location is the prefix the merge step published:
     # the wrapper goes next to the weights, no second copy in MLflow's artifact store

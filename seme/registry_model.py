@@ -314,7 +314,8 @@ def register_version(
     register a version of ``name`` pointing there (``pilot`` only when the gate passed).
 
     ``model_dir``: the merged checkpoint (local directory or published ``s3://`` prefix);
-    ``source_uri``: where the local ``model_dir`` was published (the pipeline's case). A checkpoint
+    ``source_uri``: where the local ``model_dir`` was published (the pipeline's case). ``gate``: a
+    gate result bound to ``model_dir`` (``seme gate --model-dir``), else RegistryError. A checkpoint
     that cannot be served (no tokenizer or model class) is registered as plain files with a warning
     and the version tag ``seme.mlflow_model = "no: <why>"``; ``strict`` makes that an error.
     """
@@ -339,6 +340,12 @@ def register_version(
             )
     metrics_doc = _read_json(metrics, "metrics")
     gate_doc, _ = registry._gate_doc(gate)
+    if (
+        gate_doc is not None
+    ):  # the verdict must be about this very checkpoint, checked before anything is logged
+        from seme.gates import verify_gate_binding
+
+        verify_gate_binding(gate_doc, model_dir)
     gate_ok = bool(gate_doc and gate_doc.get("passed") is True)
 
     with tempfile.TemporaryDirectory(prefix="seme-register-") as td:
@@ -485,7 +492,7 @@ def verify(
         if location.startswith("s3://"):
             # fetch verifies the manifest's files; the MLflow files are checked below, against the registry
             wrapper_files = frozenset(json.loads(tags[TAG_WRAPPER]))
-            got = fetch(location, dest=root / "model", endpoint_url=endpoint_url, unlisted_ok=wrapper_files)
+            got = fetch(location, dest=root / "model", endpoint_url=endpoint_url, also_fetch=wrapper_files)
             computed = {r: f["sha256"] for r, f in json.loads((got / RECORD).read_text())["files"].items()}
         else:
             import mlflow

@@ -3,6 +3,7 @@ the gate without the model (compiled IR parsed as KFP's own protobuf messages). 
 (PVC creation, mounts) cannot run here: no API server; the volume code path of the steps runs under
 the KFP local runner with a directory standing in for the mounted volume."""
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -99,7 +100,7 @@ def test_pvc_mode_mounts_one_volume_on_every_model_reading_step(tmp_path):
     assert _const(spec, "fetch-checkpoint", "volume_dir") == "/mnt/seme"
     assert _const(spec, "merge-checkpoints", "volume_dir") == "/mnt/seme"
     gate = spec.components["comp-validation-gate"]
-    assert set(gate.input_definitions.artifacts) == {"report"}
+    assert set(gate.input_definitions.artifacts) == {"report", "manifest"}  # the identity, not the model
     # the volume is deleted after the run's body
     assert set(root["deletepvc"].dependent_tasks) == {"createpvc", "exit-handler-1"}
     # without --pvc: no volume, models travel as artifacts
@@ -206,12 +207,15 @@ def test_gate_step_without_the_model_runs_under_the_local_runner(tmp_path):
     from components.gate import validation_gate
 
     @dsl.component(base_image="python:3.11", install_kfp_package=False)
-    def make_report(bundle: str, report: Output[Artifact]) -> None:
+    def make_report(bundle: str, report: Output[Artifact], manifest: Output[Artifact]) -> None:
         import os
 
         os.makedirs(report.path, exist_ok=True)
         with open(os.path.join(report.path, "bundle.json"), "w") as f:
             f.write(bundle)
+        os.makedirs(manifest.path, exist_ok=True)
+        with open(os.path.join(manifest.path, "seme_manifest.json"), "w") as f:
+            f.write('{"method": "ties", "files": []}')
 
     def m(acc: float, ppl: float) -> dict:
         return {"tasks": {"arith": {"metric": "accuracy", "value": acc, "n": 20}},
@@ -223,7 +227,12 @@ def test_gate_step_without_the_model_runs_under_the_local_runner(tmp_path):
     @dsl.pipeline(name="gate-only")
     def gate_only(bundle: str) -> bool:
         rep = make_report(bundle=bundle)
-        return validation_gate(report=rep.outputs["report"], policy="").outputs["passed"]
+        gate = validation_gate(report=rep.outputs["report"], manifest=rep.outputs["manifest"], policy="")
+        return gate.outputs["passed"]
 
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp"))
     assert gate_only(bundle=json.dumps(bundle)).output is True
+    # the verdict names the checkpoint it judged by its manifest's digest, as register checks it
+    (result,) = (tmp_path / "kfp").glob("gate-only-*/validation-gate/result/gate_result.json")
+    digest = "sha256:" + hashlib.sha256(b'{"method": "ties", "files": []}').hexdigest()
+    assert json.loads(result.read_text())["model"]["digest"] == digest

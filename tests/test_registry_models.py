@@ -95,7 +95,7 @@ def test_published_version_loads_by_alias_with_mlflow_loaders(tmp_path, uri, nam
     publish(merged, location)
     bundle = {"merged": _m(0.75, 20.5), "parents": {"base": _m(0.1, 20.0), "math": _m(0.8, 24.0)},
               "experts": {"arith": "math"}}  # fmt: skip
-    gate = run_gate(bundle, None, tmp_path / "gate")
+    gate = run_gate(bundle, None, tmp_path / "gate", model_dir=merged)  # bound to this checkpoint
     rv = register_version(merged, name, metrics=bundle, gate=gate, source_uri=location, pipeline_run="kfp-1")
     assert rv.gate == "passed" and rv.location == location
     assert aliases(name) == {PILOT: rv.version}

@@ -38,7 +38,9 @@ def run(args: argparse.Namespace) -> int:
         except ModuleNotFoundError as e:
             if e.name != "seme.diagnostics":
                 raise
-            raise EvalError("data-free diagnostics are not available: module seme.diagnostics is missing") from None
+            raise EvalError(
+                "data-free diagnostics are not available: module seme.diagnostics is missing"
+            ) from None
         report = diag.data_free_report(args.model_dir, args.sources, args.device)
         if hasattr(diag, "format_report"):
             print(diag.format_report(report))
@@ -57,8 +59,16 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    metrics = evaluate(args.model_dir, args.suite, tasks=args.tasks, zoo_dir=args.zoo, device=args.device,
-                       batch_size=args.batch_size, limit=args.limit, progress=progress)
+    metrics = evaluate(
+        args.model_dir,
+        args.suite,
+        tasks=args.tasks,
+        zoo_dir=args.zoo,
+        device=args.device,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        progress=progress,
+    )
     print(format_table(metrics))
     if args.out:
         print(f"metrics: {write_metrics(metrics, args.out)}")

@@ -23,7 +23,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--name", default="seme-merged", help="registered model name (default seme-merged)")
     p.add_argument("--metrics", help="metrics JSON or metrics bundle to log (merged + parents)")
-    p.add_argument("--gate", help="gate_result.json of `seme gate` (no pilot alias without a passed gate)")
+    p.add_argument(
+        "--gate",
+        help="gate_result.json of `seme gate --model-dir MODEL_DIR` (no pilot alias without a passed gate; "
+        "refused unless it judged this very checkpoint)",
+    )
     p.add_argument("--alignment", help="SeMe alignment directory (alignment.json + plots) to log")
     p.add_argument("--run-id", help="register into this existing run instead of logging a new one")
     p.add_argument(
