@@ -338,14 +338,12 @@ def register_version(
                 f"{location} does not hold the checkpoint {model_dir} (its seme_manifest.json differs "
                 "or is missing): publish it there first (seme publish)"
             )
-    metrics_doc = _read_json(metrics, "metrics")
-    gate_doc, _ = registry._gate_doc(gate)
-    if (
-        gate_doc is not None
-    ):  # the verdict must be about this very checkpoint, checked before anything is logged
+    if gate is not None:  # the verdict must be about this very checkpoint: checked before anything is logged
         from seme.gates import verify_gate_binding
 
-        verify_gate_binding(gate_doc, model_dir)
+        verify_gate_binding(gate if isinstance(gate, str | os.PathLike | dict) else gate.to_dict(), model_dir)
+    metrics_doc = _read_json(metrics, "metrics")
+    gate_doc, _ = registry._gate_doc(gate)
     gate_ok = bool(gate_doc and gate_doc.get("passed") is True)
 
     with tempfile.TemporaryDirectory(prefix="seme-register-") as td:
