@@ -47,6 +47,7 @@ from seme.checkpoint import (
 from seme.config import MergeConfig, ParamResolver
 from seme.errors import CheckpointError, ConfigError
 from seme.fsutil import atomic_dir, sha256_file
+from seme.layout import same_source
 from seme.methods import gta
 
 HASH_CACHE_ENV = "SEME_HASH_CACHE"  # directory of cached input digests; "off" disables the cache
@@ -124,24 +125,58 @@ def _same_path(a: str, b: str) -> bool:
 
 
 def open_inputs(cfg: MergeConfig, allow_pickle: bool = False) -> tuple[list[Checkpoint], Checkpoint | None]:
-    """Open every source (and the base) and check that they are one architecture."""
-    cache: dict[str, Checkpoint] = {}
-
-    def get(p: str) -> Checkpoint:
-        for k, v in cache.items():
-            if _same_path(k, p):
-                return v
-        cache[p] = open_checkpoint(p, allow_pickle=allow_pickle)
-        return cache[p]
-
+    """Open every source (and the base) of a ``models:`` config and check that they are one
+    architecture."""
+    get = _opener(allow_pickle)
     base = get(cfg.base_model) if cfg.base_model else None
     sources = [get(m.model) for m in cfg.models]
     check_compatible(([base] if base else []) + sources)
     return sources, base
 
 
-def check_compatible(cks: list[Checkpoint]) -> None:
-    """Same model type, same hidden size, same tensor names and shapes, else a clear error."""
+def _opener(allow_pickle: bool):
+    """``get(reference) -> Checkpoint``, opening each distinct input once."""
+    cache: dict[str, Checkpoint] = {}
+
+    def get(p: str) -> Checkpoint:
+        for k, v in cache.items():
+            if k == p or _same_path(k, p):
+                return v
+        cache[p] = open_checkpoint(p, allow_pickle=allow_pickle)
+        return cache[p]
+
+    return get
+
+
+def open_layout(cfg: MergeConfig, spec: methods.MethodSpec, allow_pickle: bool = False):
+    """The executor's inputs (``seme.layout.Layout``): the plain checkpoints of a ``models:``
+    config, or the per-position views of a ``slices:`` one; vocabularies aligned when a tokenizer
+    source asks for it."""
+    from seme import layout as lay
+
+    if cfg.output_slices():
+        get = _opener(allow_pickle)
+        out = lay.plan_slices(cfg, spec, get)
+        check_compatible([ck for _, ck in out.refs], same_layers=False)
+    else:
+        sources, base = open_inputs(cfg, allow_pickle=allow_pickle)
+        anchor = base or sources[0]
+        resolver = ParamResolver(cfg, spec.global_params, spec.model_params, anchor.architecture)
+        refs = ([(cfg.base_model, base)] if base else []) + [(m.model, s) for m, s in zip(cfg.models, sources)]
+        out = lay.Layout(sources, base, refs, resolver, dict(anchor.config))
+        ts = cfg.token_source()
+        if ts not in (None, "base", "union") and not any(r == ts or _same_path(r, ts) for r, _ in refs):
+            out.refs.append((ts, _opener(allow_pickle)(ts)))
+    if cfg.token_source() is not None:
+        from seme.vocab import align_vocabularies
+
+        align_vocabularies(cfg, out)
+    return out
+
+
+def check_compatible(cks: list[Checkpoint], same_layers: bool = True) -> None:
+    """Same model type, same hidden size, same tensor names and shapes, else a clear error
+    (``same_layers=False``: only type and hidden size; slices check their layers themselves)."""
     ref = cks[0]
     ref_type = ref.config.get("model_type")
     ref_arch = ref.architecture
@@ -156,6 +191,8 @@ def check_compatible(cks: list[Checkpoint]) -> None:
                 f"{ck.path}: hidden size {ck.architecture.hidden_size} differs from {ref.path} "
                 f"({ref_arch.hidden_size})"
             )
+        if not same_layers:
+            continue
         names = set(ck.names)
         for n in ref.names:
             if n not in names:
@@ -244,8 +281,8 @@ def run_merge(
     out_code = parse_dtype_code(cfg.out_dtype)
     if spec.name != "seme" and alignment is not None:
         raise ConfigError("--alignment is only used with merge_method: seme")
-    sources, base = open_inputs(cfg, allow_pickle=allow_pickle)
-    anchor = base or sources[0]
+    layout = open_layout(cfg, spec, allow_pickle=allow_pickle)
+    sources, base, anchor = layout.sources, layout.base, layout.anchor
     arch = anchor.architecture
     plan = []
     for n in anchor.names:
@@ -254,8 +291,7 @@ def run_merge(
     inputs = list({id(c): c for c in ([base] if base else []) + sources}.values())  # distinct checkpoints
     bit_path = _bits_path(spec.name, device, compute_code, plan, inputs, sources, base)
     dev = "cpu" if bit_path else resolve_device(device)
-    uris = ([(cfg.base_model, base)] if base else []) + [(m.model, s) for m, s in zip(cfg.models, sources)]
-    hasher = _InputHasher(uris)
+    hasher = _InputHasher(layout.refs)
 
     seme_merger = None
     compute_dtype = None
@@ -266,7 +302,7 @@ def run_merge(
             cfg, sources, base, Path(alignment) if alignment else None, str(dev)
         )
 
-    resolver = ParamResolver(cfg, spec.global_params, spec.model_params)
+    resolver = layout.resolver
 
     fused = None
     if not bit_path:
@@ -287,7 +323,7 @@ def run_merge(
             return t
 
         b = one(base) if base is not None else None
-        return b, [b if (base is not None and s is base) else one(s) for s in sources]
+        return b, [b if (base is not None and same_source(s, base, name)) else one(s) for s in sources]
 
     nxt: Future | None = None  # the prefetch thread's load (or pass 1) of the next tensor
 
@@ -305,7 +341,7 @@ def run_merge(
             if not ts[0].is_floating_point():  # integer buffers: keep the anchor's
                 merged = (b if b is not None else ts[0])
             else:
-                t = arch.t_of(name)
+                t = resolver.t_of(name)
                 gp = resolver.global_params(name, t)
                 mp = [resolver.model_params(k, name, t) for k in range(len(sources))]
                 rng = torch.Generator(device=dev).manual_seed(tensor_seed(cfg.seed, name))
@@ -343,7 +379,7 @@ def run_merge(
         arrays = {id(ck): ck.array(name) for ck in inputs}
         if anchor.st_dtype(name) not in FLOAT_CODES:  # integer buffers: keep the anchor's
             return arrays[id(anchor)]
-        t = arch.t_of(name)
+        t = resolver.t_of(name)
         gp = resolver.global_params(name, t)
         mp = [resolver.model_params(k, name, t) for k in range(len(sources))]
         xs = [arrays[id(s)] for s in sources]
@@ -352,7 +388,7 @@ def run_merge(
             return partial(kernels.linear_bits, xs, half, mp, gp)
         if base is None:
             raise ConfigError(f"{spec.name} needs a base_model")
-        idx = [k for k, s in enumerate(sources) if s is not base]
+        idx = [k for k, s in enumerate(sources) if not same_source(s, base, name)]
         return kernels.gta_prepare(arrays[id(base)], xs, idx, half, mp, gp, tensor_seed(cfg.seed, name),
                                    partial(_release_entries, inputs, name), method=spec.name,
                                    **kernels.BIT_METHODS[spec.name])
@@ -409,12 +445,11 @@ def run_merge(
         except BaseException:
             writer.abort()
             raise
-        tok_src = _tokenizer_source(cfg, sources, base)
-        out_config = dict(anchor.config)
+        out_config = dict(layout.config)
         if out_code is not None:
-            out_config["torch_dtype"] = cfg.out_dtype
-            out_config.pop("dtype", None)
-        side = copy_side_files(tok_src.path, tmp, config=out_config)
+            out_config["dtype"] = cfg.out_dtype  # transformers' current key (mergekit's torch_dtype)
+            out_config.pop("torch_dtype", None)
+        side = write_side_files(cfg, layout, tmp, out_config)
         extra = seme_merger.manifest_extra() if seme_merger else {}
         artifacts: list[str] = []
         if seme_merger is not None:
@@ -447,7 +482,7 @@ def run_merge(
         (tmp / "README.md").write_text(model_card(manifest))
         manifest["files"] = file_records(tmp, [*files, *side, *artifacts, "README.md"], known=writer.sha256s())
         (tmp / "seme_manifest.json").write_text(json.dumps(manifest, indent=2))
-    for ck in inputs:
+    for ck in layout.opened.values() or inputs:
         ck.close()
     return MergeResult(Path(out_dir), manifest, seconds, manifest["peak_rss_bytes"], len(plan), written, extra)
 
@@ -490,6 +525,8 @@ def _bits_path(method: str, device: str, compute_code: str | None, plan: list, i
     if compute_code not in FUSED_CODES or _kernels_off() or os.environ.get(KERNELS_ENV, "").lower() == "torch":
         return False
     if method != "linear" and base is not None and all(s is base for s in sources):
+        return False
+    if any(hasattr(ck, "computed") for ck in inputs):  # views (slices, vocabularies): the torch path
         return False  # nothing but the base to merge: the torch path handles that corner
     for name, _shape, odc in plan:
         if inputs[0].st_dtype(name) not in FLOAT_CODES:
@@ -601,16 +638,29 @@ def _merge_rows(fn, b, ts, mp, gp, rng, od: torch.dtype, name: str, inputs: list
     return out
 
 
-def _tokenizer_source(cfg: MergeConfig, sources: list[Checkpoint], base: Checkpoint | None) -> Checkpoint:
-    ts = cfg.tokenizer_source
-    if ts in (None, "base"):
-        return base or sources[0]
-    for m, ck in zip(cfg.models, sources):
-        if _same_path(m.model, ts) or m.model == ts:
-            return ck
-    if cfg.base_model and (_same_path(cfg.base_model, ts) or cfg.base_model == ts) and base:
-        return base
-    raise ConfigError(f"tokenizer_source {ts!r} is neither 'base' nor one of the models")
+def write_side_files(cfg: MergeConfig, layout: Any, out: Path, out_config: dict[str, Any]) -> list[str]:
+    """config.json, generation config and tokenizer files of the output, and its chat template.
+
+    The tokenizer comes from the vocabulary alignment when one ran (``seme.vocab``), else it is
+    copied from the tokenizer source (``tokenizer_source: <model>``), the base model, or the first
+    model, as mergekit's donor."""
+    opened = dict(layout.refs)
+    donor_ref = cfg.referenced_models()[0]
+    ts = cfg.token_source()
+    if ts not in (None, "base", "union"):
+        donor_ref = ts
+    donor = opened.get(donor_ref) or next(ck for ref, ck in layout.refs if _same_path(ref, donor_ref))
+    vocab = getattr(layout, "vocab", None)
+    if vocab is not None:
+        out_config = vocab.update_config(out_config)
+    side = copy_side_files(donor.path, out, config=out_config)
+    if vocab is not None:
+        side = sorted({*side, *vocab.save_tokenizer(out)})
+    if cfg.chat_template:
+        from seme.vocab import set_chat_template
+
+        side = sorted({*side, *set_chat_template(cfg, out, layout.refs)})
+    return side
 
 
 def _describe_params(cfg: MergeConfig, spec: methods.MethodSpec) -> dict[str, Any]:
