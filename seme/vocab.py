@@ -190,12 +190,10 @@ class Vocabulary:
         for ref, _ in self.refs:
             if ref not in toks:
                 toks[ref] = self._load(ref)
-        if ts == "base":
-            out = base_tok
-        elif ts == "union":
+        if ts == "union":
             out = self._union(base_tok, toks)
-        else:
-            out = toks.get(ts) or self._load(ts)
+        else:  # a fresh copy: added tokens must not leak into the inputs' own vocabularies
+            out = self._load(self.base_ref if ts == "base" else ts)
         for tok in self.tokens:
             if tok not in out.get_vocab():
                 out.add_tokens(tok)
