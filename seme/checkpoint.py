@@ -386,13 +386,11 @@ class Checkpoint:
 
 
 def open_checkpoint(path_or_uri: str | os.PathLike, allow_pickle: bool = False) -> Checkpoint:
-    """Open a local directory or an ``s3://`` URI (fetched, verified and cached first)."""
-    s = str(path_or_uri)
-    if s.startswith("s3://"):
-        from seme.storage import fetch  # heavy (boto3): only when needed
+    """Open any model reference (``seme.refs``): a local directory, an ``s3://`` URI (fetched,
+    verified and cached first), a Hugging Face repo id, ``base+adapter`` or a PEFT adapter dir."""
+    from seme.refs import open_ref
 
-        return Checkpoint(fetch(s), allow_pickle=allow_pickle)
-    return Checkpoint(Path(s).expanduser(), allow_pickle=allow_pickle)
+    return open_ref(str(path_or_uri), allow_pickle=allow_pickle)
 
 
 def check_finite(name: str, t: torch.Tensor, where: str) -> None:

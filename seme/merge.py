@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from seme.lazy import torch
 
@@ -251,11 +252,12 @@ class _InputHasher:
     def _run(self) -> None:
         seen = set()
         for uri, ck in self.cks:
-            if str(ck.path) in seen:
+            where = str(getattr(ck, "hashed_path", ck.path))  # an adapter view: the adapter's dir
+            if where in seen:
                 continue
-            seen.add(str(ck.path))
+            seen.add(where)
             files = [{"path": f.name, "sha256": cached_sha256(f), "bytes": f.stat().st_size} for f in ck.files]
-            self.result.append({"uri": uri, "local_path": str(ck.path), "files": files})
+            self.result.append({"uri": uri, "local_path": where, "files": files})
 
     def join(self) -> list[dict[str, Any]]:
         self._t.join()
@@ -479,7 +481,10 @@ def run_merge(
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **({"seme": extra} if extra else {}),
         }
-        (tmp / "README.md").write_text(model_card(manifest))
+        given = None
+        if config_path and Path(config_path).is_file():
+            given = Path(config_path).read_text()
+        (tmp / "README.md").write_text(model_card(manifest, given))
         manifest["files"] = file_records(tmp, [*files, *side, *artifacts, "README.md"], known=writer.sha256s())
         (tmp / "seme_manifest.json").write_text(json.dumps(manifest, indent=2))
     for ck in layout.opened.values() or inputs:
@@ -674,28 +679,64 @@ def _describe_params(cfg: MergeConfig, spec: methods.MethodSpec) -> dict[str, An
     }
 
 
-def model_card(manifest: dict[str, Any]) -> str:
-    cfg = manifest["config"]
+def card_name(ref: str) -> str:
+    """How the model card names a model reference: Hub ids and ``s3://`` URIs as given, a local
+    directory by its name (never an absolute local path), ``base+adapter`` part by part."""
+    if "+" in ref and not Path(ref).expanduser().exists():
+        return "+".join(card_name(p) for p in ref.split("+"))
+    if ref.startswith("s3://"):
+        return ref
+    from seme.refs import is_hub_id
+
+    if is_hub_id(ref):
+        return ref
+    return Path(ref.rstrip("/")).name or ref
+
+
+def model_card(manifest: dict[str, Any], config_text: str | None = None) -> str:
+    """README.md with the Hugging Face Hub's front matter for merges (``base_model``: every input
+    by its reference, ``library_name``, ``tags``) and a body with the method, the models and the
+    config as given."""
+    from seme.config import MergeConfig
+
+    cfg = MergeConfig.model_validate(manifest["config"])
+    method = manifest["method"]
+    refs = [card_name(r) for r in cfg.referenced_models()]
+    refs = list(dict.fromkeys(refs))
+    if config_text is None:
+        config_text = yaml.safe_dump(cfg.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
+    base = card_name(cfg.base_model) if cfg.base_model else None
+    front = {"base_model": refs, "library_name": "transformers", "tags": ["merge", "seme", method]}
     lines = [
         "---",
-        "library_name: transformers",
-        "tags: [merge, seme]",
+        yaml.safe_dump(front, sort_keys=False).rstrip(),
         "---",
-        f"# Merged model ({manifest['method']})",
+        f"# Merged model ({method})",
+        "",
+        f"This model is a merge of pre-trained language models made with seme {manifest['seme_version']}.",
+        "",
+        "## Merge details",
+        "",
+        "### Method",
+        "",
+        f"Merged with the `{method}` method" + (f", with `{base}` as the base." if base else "."),
+        "",
+        "### Models merged",
+        "",
+        *[f"- {r}" for r in refs if r != base],
+        "",
+        "### Configuration",
+        "",
+        "```yaml",
+        config_text.rstrip(),
+        "```",
         "",
         (
-            f"Produced by seme {manifest['seme_version']} on {manifest['created']} "
-            f"({manifest['device']}, {manifest['wall_seconds']} s)."
+            f"Produced on {manifest['created']} ({manifest['device']}, {manifest['wall_seconds']} s); compute "
+            f"dtype {manifest['dtype']}, output dtype {manifest['out_dtype']}, seed {manifest['seed']}, config "
+            f"sha256 `{manifest['config_sha256']}`. Inputs, resolved parameters and output checksums are in "
+            "`seme_manifest.json`."
         ),
-        "",
-        f"- method: `{manifest['method']}`",
-        f"- base model: `{cfg.get('base_model')}`",
-        "- sources:",
-        *[f"  - `{m['model']}` {m.get('parameters') or ''}" for m in cfg["models"]],
-        f"- compute dtype: {manifest['dtype']}, output dtype: {manifest['out_dtype']}, seed: {manifest['seed']}",
-        f"- config sha256: `{manifest['config_sha256']}`",
-        "",
-        "Inputs, resolved parameters and output checksums are in `seme_manifest.json`.",
         "",
     ]
     return "\n".join(lines)

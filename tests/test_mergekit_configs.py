@@ -216,6 +216,7 @@ def test_literal_chat_template_and_tokenizer_block(tmp_path):
 def _cli(capsys, *argv):
     from seme.cli import main
 
+    capsys.readouterr()  # drop what the fixtures printed
     rc = main(list(argv))
     cap = capsys.readouterr()
     return rc, cap.out, cap.err
