@@ -760,3 +760,16 @@ def _progress(total: int, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, unit="tensor", desc="merge", leave=False)
+
+
+class _CallableModule(type(sys)):
+    """``seme.merge`` names both this module and the API function ``seme.merge(config, out_dir, …)``;
+    importing this module rebinds the package attribute to it, so the module itself is callable."""
+
+    def __call__(self, config: Any, out_dir: str | os.PathLike, **kwargs: Any) -> MergeResult:
+        from seme.api import merge as api_merge
+
+        return api_merge(config, out_dir, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
