@@ -13,6 +13,6 @@ See ``seme.api`` for the parameters.
 
 __version__ = "0.1.0"
 
-from seme.api import align, evaluate, merge, validate  # noqa: E402  (light: no heavy imports)
+from seme.api import align, evaluate, merge, validate
 
 __all__ = ["__version__", "align", "evaluate", "merge", "validate"]

@@ -482,7 +482,7 @@ class CheckpointWriter:
             self._hashes.append([hashlib.sha256(struct.pack("<Q", len(raw)) + raw), 0, off])
         self._written: set[str] = set()
 
-    def write(self, name: str, tensor: torch.Tensor | np.ndarray, hash: bool = True) -> None:  # noqa: A002
+    def write(self, name: str, tensor: torch.Tensor | np.ndarray, hash: bool = True) -> None:
         """Write one planned tensor: a torch tensor, or a numpy array of its raw bits (any shape,
         e.g. flat uint16 for bfloat16) whose byte size matches the plan. ``hash=False``: the caller
         hashes it with ``hash_update`` instead (e.g. on another thread, in plan order)."""

@@ -30,8 +30,6 @@ from typing import Any
 import numpy as np
 import yaml
 
-from seme.lazy import torch
-
 from seme import __version__, methods
 from seme.checkpoint import (
     FLOAT_CODES,
@@ -49,6 +47,7 @@ from seme.config import MergeConfig, ParamResolver
 from seme.errors import CheckpointError, ConfigError
 from seme.fsutil import atomic_dir, sha256_file
 from seme.layout import same_source
+from seme.lazy import torch
 from seme.methods import gta
 
 HASH_CACHE_ENV = "SEME_HASH_CACHE"  # directory of cached input digests; "off" disables the cache

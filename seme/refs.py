@@ -55,8 +55,9 @@ def hub_snapshot(ref: str) -> Path:
         )
     except (LocalEntryNotFoundError, FileNotFoundError):
         where = "offline (HF_HUB_OFFLINE=1)" if offline else "and the Hub cannot be reached"
+        what = "that revision of the Hugging Face repo" if revision else "a Hugging Face repo"
         raise CheckpointError(
-            f"{ref}: Hugging Face repo{' revision' if revision else ''} not in the local cache {where}"
+            f"{ref}: no such checkpoint directory, and {what} not in the local Hugging Face cache {where}"
         ) from None
     except RevisionNotFoundError:
         raise CheckpointError(f"{ref}: revision {revision!r} not found on the Hugging Face Hub") from None
@@ -190,7 +191,6 @@ class AdapterCheckpoint:
                 bname = n.replace(".lora_A.", ".lora_B.")
                 if bname not in self.ad:
                     raise CheckpointError(f"{self.adapter_dir}: {n} has no matching lora_B")
-                r = self.ad.shape(n)[0]
                 alpha = _pattern_value(conf.get("alpha_pattern"), module, alpha0)
                 rank = _pattern_value(conf.get("rank_pattern"), module, r0)
                 scale = alpha / math.sqrt(rank) if conf.get("use_rslora") else alpha / rank

@@ -20,7 +20,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from seme.checkpoint import TOKENIZER_FILES, Checkpoint, dtype_code, torch_dtype, parse_dtype_code
+from seme.checkpoint import TOKENIZER_FILES, Checkpoint, dtype_code, parse_dtype_code, torch_dtype
 from seme.config import MergeConfig
 from seme.errors import CheckpointError, ConfigError
 from seme.layout import Layout, MappedCheckpoint
@@ -330,8 +330,8 @@ class Vocabulary:
             if (out / n).exists():
                 (out / n).unlink()
         self.tokenizer.save_pretrained(str(out))
-        return sorted((({p.name for p in out.iterdir()} - before) | {n for n in TOKENIZER_FILES
-                       if (out / n).is_file()}))
+        return sorted(({p.name for p in out.iterdir()} - before) | {n for n in TOKENIZER_FILES
+                       if (out / n).is_file()})
 
 
 def needs_alignment(cfg: MergeConfig, refs: list[tuple[str, Checkpoint]]) -> bool:

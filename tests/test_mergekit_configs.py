@@ -61,9 +61,9 @@ def config_diff(a: Path, b: Path, ignore: tuple[str, ...] = ()) -> dict:
 
 def assert_same(mk: dict, ours: dict) -> None:
     assert sorted(mk) == sorted(ours)
-    for n in mk:
-        assert mk[n].shape == ours[n].shape, n
-        assert torch.equal(mk[n], ours[n].to(mk[n].dtype)), n
+    for n, t in mk.items():
+        assert t.shape == ours[n].shape, n
+        assert torch.equal(t, ours[n].to(t.dtype)), n
 
 
 @pytest.mark.parametrize("fam", FAMILIES)
@@ -292,3 +292,9 @@ def test_modules_form_and_module_parameters(zoo, tmp_path):
 
     mk, ours = run_mergekit(cfg, tmp_path / "mk"), run_seme(cfg, tmp_path / "seme")
     assert_same(mk, ours)
+    # modules with models: module parameters between the models' and the global
+    cfg["modules"]["default"] = {"models": [{"model": a, "parameters": {"weight": 2.0}}, {"model": b}],
+                                 "parameters": {"weight": [0.5, 1.5]}}
+    cfg.update(merge_method="linear", parameters={"weight": 9.0})
+    del cfg["base_model"]
+    assert_same(run_mergekit(cfg, tmp_path / "mk2"), run_seme(cfg, tmp_path / "seme2"))

@@ -149,7 +149,7 @@ def test_bad_references_are_one_line_errors(tmp_path, capsys, monkeypatch):
         p.write_text(yaml.safe_dump({"models": [{"model": model}], "merge_method": "passthrough"}))
         return _cli(capsys, "merge", str(p), str(out))
 
-    _one_line(*run("no-such-org/no-such-model")[::2], "no-such-org/no-such-model", "not in the local cache",
+    _one_line(*run("no-such-org/no-such-model")[::2], "no-such-org/no-such-model", "not in the local Hugging Face cache",
               "offline")
     _one_line(*run(f"{other}+{tmp_path / 'adapter'}")[::2], "does not match base", "the adapter's B @ A is")
     _one_line(*run(f"{base}+{other}")[::2], "not a PEFT adapter")

@@ -8,9 +8,8 @@ several models builds a deeper (or shallower) model: a "frankenmerge". As mergek
 
 from __future__ import annotations
 
-from seme.lazy import torch
-
 from seme.errors import ConfigError
+from seme.lazy import torch
 from seme.methods import MethodSpec, register
 from seme.methods._params import as_float
 
