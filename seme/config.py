@@ -207,11 +207,16 @@ def load_config(path_or_dict: str | Path | dict[str, Any]) -> MergeConfig:
     from seme import methods  # the registry validates method names and parameters
 
     spec = methods.get(cfg.merge_method)
+    posthoc = set() if spec.name == "seme" else set(methods.POSTHOC_PARAMS)  # svc: any per-tensor method
     for where, params in _parameter_blocks(cfg):
-        check_parameter_names(spec, params, f"{source}: {where}")
+        check_parameter_names(spec, params, f"{source}: {where}", posthoc if where == "parameters" else set())
     has_base = cfg.base_model or any(sl.base_model for sl in cfg.output_slices() or [])
     if spec.needs_base and not has_base:
         raise ConfigError(f"{source}: merge_method {spec.name} needs base_model")
+    try:
+        methods.configured(cfg)  # post-hoc options' own needs (svc: a base model)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
     return cfg
 
 
@@ -271,12 +276,13 @@ def _parameter_blocks(cfg: MergeConfig) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
-def check_parameter_names(spec: Any, params: dict[str, Any], where: str) -> None:
+def check_parameter_names(spec: Any, params: dict[str, Any], where: str, extra: set[str] | None = None) -> None:
     """A name no method knows is an error listing the valid names (a typo); a name that belongs
-    to another method (``density`` on ``linear``, common in published configs) is a warning."""
+    to another method (``density`` on ``linear``, common in published configs) is a warning.
+    ``extra``: names also valid here (the post-hoc ``svc`` options in the global block)."""
     from seme import methods
 
-    valid = set(spec.global_params) | set(spec.model_params)
+    valid = set(spec.global_params) | set(spec.model_params) | (extra or set())
     for k in params:
         if k in valid:
             continue
