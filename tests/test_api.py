@@ -91,3 +91,11 @@ def test_validate_command(tmp_path, tiny_model, perturbed, capsys):
     rc, _, err = _cli(capsys, "validate", str(q))
     assert rc == 2 and "architecture" in err and len(err.strip().splitlines()) == 1
     assert not list(Path(tmp_path).glob("*out*"))
+
+
+def test_eval_json_is_one_object(tmp_path, tiny_model, perturbed, capsys):
+    a = tiny_model("a")
+    b = perturbed(a, "b")
+    rc, out, _ = _cli(capsys, "-q", "eval", str(a), "--data-free", "--sources", str(b), "--json")
+    rep = json.loads(out)
+    assert rc == 0 and rep["sources"] == [str(b)] and len(rep["layers"]) == 2
