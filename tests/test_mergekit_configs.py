@@ -175,6 +175,28 @@ def test_ties_with_union_tokenizer_and_chat_template(tmp_path):
     assert render[0] == render[1] and render[1].startswith("<|im_start|>system\nw5<|im_end|>\n")
 
 
+def test_slices_slerp_with_union_tokenizer(tmp_path):
+    """The vocabulary re-indexing under ``slices:`` (qwen2): rows per model, then SLERP per layer."""
+    base = make_tiny_model(tmp_path / "base", family="qwen2", seed=0, num_hidden_layers=4)
+    add_tokenizer(base)
+    m2 = perturb_model(base, tmp_path / "m2", 0.05, 2)
+    add_tokenizer(m2, ("<|im_start|>", "<|im_end|>"))
+    cfg = {"slices": [{"sources": [{"model": str(base), "layer_range": [0, 4]}, {"model": str(m2), "layer_range": [0, 4]}]}],
+           "merge_method": "slerp", "base_model": str(base), "parameters": {"t": [0.2, 0.8]}, "dtype": "float32",
+           "tokenizer_source": "union"}
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    logging.getLogger("mergekit").setLevel(logging.ERROR)
+    run_merge(MergeConfiguration.model_validate(cfg), str(tmp_path / "mk"),
+              MergeOptions(quiet=True, write_model_card=False, random_seed=0))
+    mk, ours = load_dir(tmp_path / "mk"), run_seme(cfg, tmp_path / "seme")
+    assert_same(mk, ours)
+    assert ours["model.embed_tokens.weight"].shape[0] > 100
+    assert config_diff(tmp_path / "mk", tmp_path / "seme") == {}
+
+
 def test_literal_chat_template_and_tokenizer_block(tmp_path):
     """A literal Jinja template and the ``tokenizer:`` block (source base, padding to a multiple of
     8: mean rows, as mergekit) equal mergekit; an added token whose row comes from the base's
