@@ -709,12 +709,14 @@ def model_card(manifest: dict[str, Any], config_text: str | None = None) -> str:
 
     cfg = MergeConfig.model_validate(manifest["config"])
     method = manifest["method"]
-    refs = [card_name(r) for r in cfg.referenced_models()]
-    refs = list(dict.fromkeys(refs))
+    refs = list(dict.fromkeys(card_name(r) for r in cfg.referenced_models()))
+    # the Hub's base_model metadata takes repo ids: adapters listed apart, revisions dropped
+    hub_refs = list(dict.fromkeys(p.split("@")[0] if "/" in p and not p.startswith("s3://") else p
+                                  for r in refs for p in r.split("+")))
     if config_text is None:
         config_text = yaml.safe_dump(cfg.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
     base = card_name(cfg.base_model) if cfg.base_model else None
-    front = {"base_model": refs, "library_name": "transformers", "tags": ["merge", "seme", method]}
+    front = {"base_model": hub_refs, "library_name": "transformers", "tags": ["merge", "seme", method]}
     lines = [
         "---",
         yaml.safe_dump(front, sort_keys=False).rstrip(),

@@ -77,6 +77,8 @@ def test_adapters_in_a_task_arithmetic_merge(tmp_path):
         assert torch.equal(ours[k], full[k]), k
     man = json.loads((tmp_path / "ad" / "seme_manifest.json").read_text())
     assert {Path(i["local_path"]).name for i in man["inputs"]} == {"base", "a1", "a2"}
+    front = yaml.safe_load((tmp_path / "ad" / "README.md").read_text().split("---")[1])
+    assert front["base_model"] == ["base", "a1", "a2"] and front["tags"] == ["merge", "seme", "task_arithmetic"]
 
 
 def _hub_cache(root: Path, repo: str, src: Path, commit: str, branch: str = "main") -> None:
@@ -116,7 +118,8 @@ def test_hub_id_resolves_from_the_local_cache_offline(tmp_path, monkeypatch):
     for k in ours:
         assert torch.allclose(ours[k], (la[k] + lb[k]) / 2), k
     card = (tmp_path / "out" / "README.md").read_text()
-    assert "- tiny-org/qwen-a\n" in card and "- tiny-org/qwen-a@v2\n" in card
+    assert card.startswith("---\nbase_model:\n- tiny-org/qwen-a\nlibrary_name: transformers\n")
+    assert "- tiny-org/qwen-a@v2\n" in card.split("---")[2]  # the body names the revision
 
 
 def _cli(capsys, *argv):
