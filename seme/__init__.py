@@ -13,6 +13,16 @@ See ``seme.api`` for the parameters.
 
 __version__ = "0.1.0"
 
-from seme.api import align, evaluate, merge, validate
+from seme.api import align, evaluate, validate
 
 __all__ = ["__version__", "align", "evaluate", "merge", "validate"]
+
+
+def __getattr__(name: str):
+    """``seme.merge`` is the executor module ``seme/merge.py``, itself callable as the API function
+    ``seme.merge(config, out_dir, …)`` (``seme.api.merge``); it loads on first use."""
+    if name == "merge":
+        import importlib
+
+        return importlib.import_module("seme.merge")
+    raise AttributeError(f"module 'seme' has no attribute {name!r}")

@@ -239,15 +239,10 @@ def _resolve(defaults: dict[str, Any], scopes: list[dict[str, Any]], name: str, 
 def plan_slices(cfg: MergeConfig, spec: Any, open_ref: Callable[[str], Checkpoint]) -> Layout:
     """The layout of a ``slices:`` (or ``modules:`` with slices) config."""
     slices = cfg.output_slices() or []
-    k = len(slices[0].sources)
+    k = max(len(sl.sources) for sl in slices)  # positions; a slice may have fewer sources than k
     for i, sl in enumerate(slices):
-        if len(sl.sources) != k:
-            raise ConfigError(
-                f"slices[{i}] has {len(sl.sources)} sources, slices[0] has {k}: seme cannot honour "
-                "slices with different numbers of sources"
-            )
-    if spec.name == "passthrough" and k != 1:
-        raise ConfigError(f"slices[0]: passthrough takes exactly one source per slice, got {k}")
+        if spec.name == "passthrough" and len(sl.sources) != 1:
+            raise ConfigError(f"slices[{i}]: passthrough takes exactly one source per slice, got {len(sl.sources)}")
     cks = {ref: open_ref(ref) for ref in cfg.referenced_models()}
     for i, sl in enumerate(slices):
         for j, src in enumerate(sl.sources):
@@ -281,7 +276,7 @@ def plan_slices(cfg: MergeConfig, spec: Any, open_ref: Callable[[str], Checkpoin
         for pos, e in enumerate(per_src):
             entries[pos][out] = e
         bi = base_index(s)
-        if bi is not None:
+        if bi is not None and bi < len(per_src):
             base_entries[out] = per_src[bi]
         elif s not in base_missing:
             base_missing.append(s)
@@ -318,8 +313,9 @@ def plan_slices(cfg: MergeConfig, spec: Any, open_ref: Callable[[str], Checkpoin
             src_types = cks[sl.sources[0].model].config.get("layer_types") or []
             types.append(src_types[ref_layer] if ref_layer < len(src_types) else None)
             out_layer += 1
+    last = slices[-1].sources[: len(slices[0].sources)]  # as mergekit pairs them (plan_module)
     for n in post:
-        add(n, len(slices) - 1, 0.0, [(_has(cks[src.model], n, src.model), n) for src in slices[-1].sources], None)
+        add(n, len(slices) - 1, 0.0, [(_has(cks[src.model], n, src.model), n) for src in last], None)
     _check_shapes(entries, base_entries)
     config = out_config(anchor_ck.config, types)
     label = f"{anchor_ref} (sliced)"

@@ -1,5 +1,8 @@
 """The merge executor: streams tensors from the inputs, through a method, into the output.
 
+Called as a function, this module is the API's ``seme.merge(config, out_dir, *, alignment=None,
+device="cpu", overwrite=False, allow_pickle=False, progress=False) -> MergeResult`` (``seme.api.merge``).
+
 It does all the I/O and knows nothing of methods: for each output tensor it maps that tensor from
 every input without a copy (a prefetch thread checks the next one for NaN/Inf, which also faults
 its pages in, while the current one is computed), calls the method's pure function, casts to the
@@ -323,8 +326,9 @@ def run_merge(
                 t = t.to(device=dev, dtype=compute_dtype)
             return t
 
-        b = one(base) if base is not None else None
-        return b, [b if (base is not None and same_source(s, base, name)) else one(s) for s in sources]
+        # a source view without ``name``: a slice with fewer sources than others (slices: only)
+        b = one(base) if base is not None and name in base else None
+        return b, [b if (b is not None and same_source(s, base, name)) else one(s) for s in sources if name in s]
 
     nxt: Future | None = None  # the prefetch thread's load (or pass 1) of the next tensor
 
@@ -344,7 +348,8 @@ def run_merge(
             else:
                 t = resolver.t_of(name)
                 gp = resolver.global_params(name, t)
-                mp = [resolver.model_params(k, name, t) for k in range(len(sources))]
+                active = [k for k, s in enumerate(sources) if name in s]
+                mp = [resolver.model_params(k, name, t) for k in active]
                 rng = torch.Generator(device=dev).manual_seed(tensor_seed(cfg.seed, name))
                 big = _nbytes(ts[0]) > CHUNK_BYTES and ts[0].dim() > 1
                 use_fused = fused is not None and ts[0].dtype in (torch.bfloat16, torch.float32) and odc in FUSED_CODES
@@ -353,7 +358,7 @@ def run_merge(
                 if use_fused:
                     merged, bad = fused(b, ts, mp, gp, rng, od, out=outputs.take(ts[0].shape, od),
                                         release=partial(_release_entries, inputs, name))
-                    _raise_non_finite(name, bad, base, sources)
+                    _raise_non_finite(name, bad, base, [sources[k] for k in active])
                     kernel_checked = True
                 elif spec.name in ELEMENTWISE and big:
                     merged = _merge_rows(spec.fn, b, ts, mp, gp, rng, od, name, inputs)

@@ -107,6 +107,24 @@ def test_slices_with_different_ranges_and_slice_parameters(zoo, tmp_path):
     assert config_diff(tmp_path / "mk", tmp_path / "seme") == {}
 
 
+def test_slices_with_different_numbers_of_sources(zoo, tmp_path):
+    """A slice merging two models next to a slice copying one (linear): mergekit pairs the
+    embeddings with the first slice's sources and the final norm and head with the last slice's."""
+    a, b = zoo["llama"]["a"], zoo["llama"]["b"]
+    cfg = {
+        "slices": [
+            {"sources": [{"model": a, "layer_range": [0, 2], "parameters": {"weight": 0.3}},
+                         {"model": b, "layer_range": [0, 2], "parameters": {"weight": 0.7}}]},
+            {"sources": [{"model": b, "layer_range": [2, 4]}]},
+        ],
+        "merge_method": "linear", "parameters": {"weight": 1.0}, "dtype": "float32",
+    }
+    mk, ours = run_mergekit(cfg, tmp_path / "mk"), run_seme(cfg, tmp_path / "seme")
+    assert_same(mk, ours)
+    b_sd = load_dir(Path(b))
+    assert torch.equal(ours["model.norm.weight"], b_sd["model.norm.weight"])
+
+
 def test_passthrough_stacking_changes_layer_count(zoo, tmp_path):
     a, b = zoo["llama"]["a"], zoo["llama"]["b"]
     cfg = {
