@@ -244,6 +244,8 @@ def _check_structure(cfg: MergeConfig, source: str) -> None:
         if mod.models:  # a modules/models config is a models config with module-level parameters
             cfg.models = mod.models
     for i, sl in enumerate(cfg.output_slices() or []):
+        if sl.residual_weight is not None:
+            log.warning("%s: slices[%d].residual_weight is ignored (as mergekit 0.1.5 ignores it)", source, i)
         if not sl.sources:
             raise ConfigError(f"{source}: slices[{i}] has no sources")
         lengths = set()
