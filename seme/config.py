@@ -315,7 +315,9 @@ def evaluate(value: Any, tensor_name: str, t: float) -> Any:
             lo = min(math.floor(pos), len(value) - 2)
             frac = pos - lo
             return (1 - frac) * value[lo] + frac * value[lo + 1]
-        raise ConfigError(f"parameter list {value!r} mixes numbers and filter entries")
+        if all(isinstance(v, (bool, int, float, str)) for v in value):  # discrete values (mergekit)
+            return value[int(t * (len(value) - 1))]
+        raise ConfigError(f"parameter list {value!r} mixes scalars and filter entries")
     if isinstance(value, dict) and "value" in value:
         flt = value.get("filter")
         return evaluate(value["value"], tensor_name, t) if flt is None or flt in tensor_name else None

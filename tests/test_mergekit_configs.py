@@ -338,3 +338,42 @@ def test_modules_form_and_module_parameters(zoo, tmp_path):
     cfg.update(merge_method="linear", parameters={"weight": 9.0})
     del cfg["base_model"]
     assert_same(run_mergekit(cfg, tmp_path / "mk2"), run_seme(cfg, tmp_path / "seme2"))
+
+
+def test_chat_template_auto_takes_the_inputs_common_template(tmp_path):
+    from transformers import AutoTokenizer
+
+    base = make_tiny_model(tmp_path / "base", family="llama", seed=0)
+    add_tokenizer(base)
+    m1 = perturb_model(base, tmp_path / "m1", 0.05, 1)
+    m2 = perturb_model(base, tmp_path / "m2", 0.05, 2)
+    common = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    for d in (m1, m2):
+        (d / "chat_template.jinja").write_text(common)
+    cfg = {"models": [{"model": str(m), "parameters": {"weight": 1.0}} for m in (base, m1, m2)],
+           "merge_method": "linear", "dtype": "float32", "chat_template": "auto"}
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    logging.getLogger("mergekit").setLevel(logging.ERROR)
+    run_merge(MergeConfiguration.model_validate(cfg), str(tmp_path / "mk"),
+              MergeOptions(quiet=True, write_model_card=False, random_seed=0))
+    run_seme(cfg, tmp_path / "seme")
+    tk_mk, tk_ours = (AutoTokenizer.from_pretrained(tmp_path / d) for d in ("mk", "seme"))
+    assert tk_ours.chat_template == common == tk_mk.chat_template
+
+
+def test_parameter_values_as_mergekit_evaluates_them():
+    """Gradients of discrete values pick an entry; ``filter: "*"`` matches every tensor; numeric
+    gradients interpolate (mergekit 0.1.5's evaluate_setting)."""
+    from mergekit.config import ConditionalParameter, evaluate_setting
+
+    from seme.config import evaluate
+
+    cases = [([True, False, True], 0.6), (["a", "b", "c"], 0.5), ([0.0, 1.0, 0.5], 0.75), ([0.2, 0.9], 1.0),
+             ([{"filter": "*", "value": 0.3}], 0.0), ([{"filter": "mlp", "value": [0, 1]}, {"value": 0.5}], 0.5)]
+    for value, t in cases:
+        mk_value = [ConditionalParameter(**v) for v in value] if isinstance(value[0], dict) else value
+        assert evaluate(value, "model.layers.1.mlp.up_proj.weight", t) == evaluate_setting(
+            "model.layers.1.mlp.up_proj.weight", mk_value, t, validate=lambda x: x), (value, t)
