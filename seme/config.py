@@ -208,8 +208,13 @@ def load_config(path_or_dict: str | Path | dict[str, Any]) -> MergeConfig:
 
     spec = methods.get(cfg.merge_method)
     posthoc = set() if spec.name == "seme" else set(methods.POSTHOC_PARAMS)  # svc: any per-tensor method
+    unused: dict[str, list[str]] = {}
     for where, params in _parameter_blocks(cfg):
-        check_parameter_names(spec, params, f"{source}: {where}", posthoc if where == "parameters" else set())
+        for k in check_parameter_names(spec, params, f"{source}: {where}",
+                                       posthoc if where == "parameters" else set()):
+            unused.setdefault(k, []).append(where)
+    for k, wheres in unused.items():  # one line per parameter, however many models give it
+        log.warning("%s: parameter '%s' (%s) is not used by %s; ignored", source, k, ", ".join(wheres), spec.name)
     has_base = cfg.base_model or any(sl.base_model for sl in cfg.output_slices() or [])
     if spec.needs_base and not has_base:
         raise ConfigError(f"{source}: merge_method {spec.name} needs base_model")
@@ -278,23 +283,26 @@ def _parameter_blocks(cfg: MergeConfig) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
-def check_parameter_names(spec: Any, params: dict[str, Any], where: str, extra: set[str] | None = None) -> None:
-    """A name no method knows is an error listing the valid names (a typo); a name that belongs
-    to another method (``density`` on ``linear``, common in published configs) is a warning.
+def check_parameter_names(spec: Any, params: dict[str, Any], where: str,
+                          extra: set[str] | None = None) -> list[str]:
+    """A name no method knows is an error listing the valid names (a typo); returns the names that
+    belong to another method (``density`` on ``linear``, common in published configs: a warning).
     ``extra``: names also valid here (the post-hoc ``svc`` options in the global block)."""
     from seme import methods
 
     valid = set(spec.global_params) | set(spec.model_params) | (extra or set())
+    others = []
     for k in params:
         if k in valid:
             continue
         if k in methods.all_parameter_names():
-            log.warning("%s: parameter '%s' is not used by %s; ignored", where, k, spec.name)
+            others.append(k)
             continue
         raise ConfigError(
             f"{where}: unknown parameter '{k}' for merge_method {spec.name}; "
             f"valid: {', '.join(sorted(valid)) or '(none)'}"
         )
+    return others
 
 
 def evaluate(value: Any, tensor_name: str, t: float) -> Any:

@@ -311,12 +311,13 @@ def test_bad_slices_are_one_line_errors(zoo, tmp_path, capsys):
 
 def test_parameter_of_another_method_warns_typo_fails(zoo, tmp_path, capsys, caplog):
     a, b = zoo["llama"]["a"], zoo["llama"]["b"]
-    cfg = {"models": [{"model": a, "parameters": {"weight": 0.5, "density": 0.5}}, {"model": b}],
+    cfg = {"models": [{"model": a, "parameters": {"weight": 0.5, "density": 0.5}},
+                      {"model": b, "parameters": {"density": 0.3}}],
            "merge_method": "linear", "parameters": {"weight": 0.5}}
     rc, _, err = _cli(capsys, "-q", "merge", _write(tmp_path, cfg), str(tmp_path / "out"))
     assert rc == 0
     warn = [r.getMessage() for r in caplog.records if "density" in r.getMessage()]
-    assert len(warn) == 1 and "not used by linear" in warn[0]
+    assert len(warn) == 1 and "not used by linear" in warn[0] and "models[1]" in warn[0]
     cfg["models"][1]["parameters"] = {"wieght": 1}
     rc, _, err = _cli(capsys, "merge", _write(tmp_path, cfg), str(tmp_path / "out2"))
     _one_line(rc, err, "unknown parameter 'wieght'", "valid: normalize, weight")
