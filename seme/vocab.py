@@ -128,23 +128,19 @@ def set_chat_template(cfg: MergeConfig, out: Path, refs: list[tuple[str, Checkpo
     return ["chat_template.jinja", "tokenizer_config.json"]
 
 
-def _tokenizer_signature(path: Path) -> tuple:
-    return tuple((n, (path / n).read_bytes()) for n in TOKENIZER_FILES if (path / n).is_file()
-                 and n != "chat_template.jinja")
-
-
-def _fast_vocab_len(path: Path) -> int | None:
-    """The number of tokens of tokenizer.json without transformers (None if it cannot tell)."""
+def _fast_vocab(path: Path) -> dict[str, int] | None:
+    """token -> id of tokenizer.json (added tokens included), read without transformers; None when
+    there is no tokenizer.json or it cannot tell."""
     f = path / "tokenizer.json"
     if not f.is_file():
         return None
     try:
         d = json.loads(f.read_text())
         vocab = d["model"]["vocab"]
-        ids = set(vocab.values()) if isinstance(vocab, dict) else set(range(len(vocab)))
-        ids |= {a["id"] for a in d.get("added_tokens") or []}
-        return len(ids)
-    except (ValueError, KeyError, TypeError):
+        out = dict(vocab) if isinstance(vocab, dict) else {e[0]: i for i, e in enumerate(vocab)}
+        out.update({a["content"]: a["id"] for a in d.get("added_tokens") or []})
+        return out
+    except (ValueError, KeyError, TypeError, IndexError):
         return None
 
 
@@ -335,18 +331,21 @@ class Vocabulary:
 
 
 def needs_alignment(cfg: MergeConfig, refs: list[tuple[str, Checkpoint]]) -> bool:
-    """False when re-indexing would be the identity (same tokenizer files everywhere, covering the
-    embedding rows exactly, no token settings): the tokenizer files are then just copied."""
+    """False when re-indexing would be the identity: every input's tokenizer.json maps the same
+    tokens to the same ids, as many as the embedding rows, and no token settings are given (the
+    tokenizer files are then copied). Inputs without any tokenizer files: nothing to align."""
     if cfg.tokenizer is not None and (cfg.tokenizer.tokens or cfg.tokenizer.pad_to_multiple_of):
         return True
-    sigs = {_tokenizer_signature(ck.path) for _, ck in refs}
-    if len(sigs) != 1:
+    paths = [ck.path for _, ck in refs]
+    ts = cfg.token_source()
+    if ts not in (None, "base", "union"):
+        paths.append(Path(dict(refs)[ts].path) if ts in dict(refs) else Path(ts))
+    if not any((p / n).is_file() for p in paths for n in TOKENIZER_FILES):
+        return False
+    vocabs = [_fast_vocab(p) for p in paths]
+    if any(v is None for v in vocabs) or any(v != vocabs[0] for v in vocabs[1:]):
         return True
-    ck0 = refs[0][1]
-    if not any(n == "tokenizer.json" for n, _ in next(iter(sigs))):
-        return bool(next(iter(sigs)))  # no tokenizer files anywhere: nothing to align
-    n = _fast_vocab_len(ck0.path)
-    return any(n != ck.architecture.vocab_size for _, ck in refs)
+    return any(len(vocabs[0]) != ck.architecture.vocab_size for _, ck in refs)
 
 
 def align_vocabularies(cfg: MergeConfig, layout: Layout) -> None:
