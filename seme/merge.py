@@ -48,7 +48,7 @@ from seme.checkpoint import (
 )
 from seme.config import MergeConfig, ParamResolver
 from seme.errors import CheckpointError, ConfigError
-from seme.fsutil import atomic_dir, sha256_file
+from seme.fsutil import atomic_dir, check_out_dir, clean_stale_temps, sha256_file
 from seme.layout import same_source
 from seme.lazy import torch
 from seme.methods import gta
@@ -205,6 +205,9 @@ def check_compatible(cks: list[Checkpoint], same_layers: bool = True) -> None:
                     f"tensor {n}: shape {list(ck.shape(n))} in {ck.path} does not match "
                     f"{list(ref.shape(n))} in {ref.path}"
                 )
+            a, b = ck.st_dtype(n), ref.st_dtype(n)
+            if a != b and (a not in FLOAT_CODES or b not in FLOAT_CODES):
+                raise CheckpointError(f"tensor {n}: dtype {a} in {ck.path} does not match {b} in {ref.path}")
         extra = names.difference(ref.names)
         if extra:
             raise CheckpointError(f"{ck.path}: tensor {min(extra)} is not present in {ref.path}")
@@ -285,6 +288,9 @@ def run_merge(
     out_code = parse_dtype_code(cfg.out_dtype)
     if spec.name != "seme" and alignment is not None:
         raise ConfigError("--alignment is only used with merge_method: seme")
+    protect = [*cfg.referenced_models(), alignment, config_path]
+    out_path = check_out_dir(out_dir, overwrite, protect=protect)  # fail fast, before any work
+    clean_stale_temps(out_path.parent)
     layout = open_layout(cfg, spec, allow_pickle=allow_pickle)
     sources, base, anchor = layout.sources, layout.base, layout.anchor
     arch = anchor.architecture
@@ -302,9 +308,13 @@ def run_merge(
     if spec.name == "seme":
         from seme.seme_merge import SemeMerger  # heavy: only for SeMe
 
-        seme_merger = SemeMerger.prepare(
-            cfg, sources, base, Path(alignment) if alignment else None, str(dev)
-        )
+        try:
+            seme_merger = SemeMerger.prepare(
+                cfg, sources, base, Path(alignment) if alignment else None, str(dev)
+            )
+        except ConfigError as e:
+            raise (ConfigError(f"{e} (config {config_path})") if config_path and config_path not in str(e)
+                   else e) from None
 
     resolver = layout.resolver
 
@@ -424,7 +434,8 @@ def run_merge(
     produce = bits_tensor if bit_path else torch_tensor
     written = 0
     outputs = _OutputPool(max((math.prod(s) * ITEMSIZE[d] for _, s, d in plan), default=0))
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    protect += [ck.path for _, ck in layout.refs]  # s3:// and Hub inputs: their local copies
+    with atomic_dir(out_dir, overwrite=overwrite, protect=protect) as tmp:
         writer = CheckpointWriter(tmp, plan, cfg.shard_bytes())
         try:
             bar = _progress(len(plan), progress)
@@ -437,7 +448,10 @@ def run_merge(
                     nxt = prefetch.submit(load, plan[0][0], plan[0][2])
                 pending: list[Future] = []
                 for i, (name, _shape, odc) in enumerate(plan):
-                    merged = produce(i, name, odc)
+                    try:
+                        merged = produce(i, name, odc)
+                    except ConfigError as e:  # a parameter that is bad for this tensor: say where
+                        raise ConfigError(f"{e} (tensor {name}, config {config_path or 'given'})") from None
                     for f in pending:  # at most one tensor being written: bounded memory
                         f.result()
                     # the write (a memcpy into the page cache) and the sha256 of the same bytes,
