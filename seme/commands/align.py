@@ -22,13 +22,8 @@ def run(args: argparse.Namespace) -> int:
     from seme.alignment import align
 
     t0 = time.perf_counter()
-    out = align(
-        args.config,
-        args.out_dir,
-        device=args.device,
-        overwrite=args.overwrite,
-        allow_pickle=args.allow_pickle,
-    )
+    out = align(args.config, args.out_dir, device=args.device, overwrite=args.overwrite,
+                allow_pickle=args.allow_pickle)
     meta = json.loads((out / "alignment.json").read_text())
     rot = meta["rotation"]
     permuted = sum(

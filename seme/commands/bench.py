@@ -9,9 +9,7 @@ import importlib
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks: quality (zoo) and speed (vs mergekit and the I/O limit)")
     p.add_argument("which", choices=["quality", "speed"], help="which benchmark")
-    p.add_argument(
-        "rest", nargs=argparse.REMAINDER, help="options of that benchmark (see `seme bench NAME -h`)"
-    )
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark (see `seme bench NAME -h`)")
     p.set_defaults(func=run)
 
 

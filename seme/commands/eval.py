@@ -17,6 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     p.add_argument("--data-free", action="store_true", help="SeMe data-free diagnostics instead of a suite")
     p.add_argument("--sources", nargs="+", default=None, help="source models for --data-free")
+    p.add_argument("--json", action="store_true", help="print the metrics (or report) as one JSON object")
     p.set_defaults(func=run)
 
 
@@ -26,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
 
     from seme.errors import EvalError
 
-    progress = not getattr(args, "quiet", False)
+    progress = not getattr(args, "quiet", False) and not getattr(args, "json", False)
     args.model_dir = _local(args.model_dir)
     if args.sources:
         args.sources = [_local(s) for s in args.sources]
@@ -38,11 +39,11 @@ def run(args: argparse.Namespace) -> int:
         except ModuleNotFoundError as e:
             if e.name != "seme.diagnostics":
                 raise
-            raise EvalError(
-                "data-free diagnostics are not available: module seme.diagnostics is missing"
-            ) from None
+            raise EvalError("data-free diagnostics are not available: module seme.diagnostics is missing") from None
         report = diag.data_free_report(args.model_dir, args.sources, args.device)
-        if hasattr(diag, "format_report"):
+        if getattr(args, "json", False):
+            print(json.dumps(report))
+        elif hasattr(diag, "format_report"):
             print(diag.format_report(report))
         else:
             print(json.dumps(report, indent=2))
@@ -59,16 +60,13 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    metrics = evaluate(
-        args.model_dir,
-        args.suite,
-        tasks=args.tasks,
-        zoo_dir=args.zoo,
-        device=args.device,
-        batch_size=args.batch_size,
-        limit=args.limit,
-        progress=progress,
-    )
+    metrics = evaluate(args.model_dir, args.suite, tasks=args.tasks, zoo_dir=args.zoo, device=args.device,
+                       batch_size=args.batch_size, limit=args.limit, progress=progress)
+    if getattr(args, "json", False):  # the same object --out writes, on stdout
+        if args.out:
+            write_metrics(metrics, args.out)
+        print(json.dumps(metrics))
+        return 0
     print(format_table(metrics))
     if args.out:
         print(f"metrics: {write_metrics(metrics, args.out)}")

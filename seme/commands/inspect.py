@@ -57,18 +57,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    for k in (
-        "path",
-        "model_type",
-        "family",
-        "layers",
-        "hidden_size",
-        "vocab_size",
-        "heads",
-        "kv_heads",
-        "tied_embeddings",
-        "tensors",
-    ):
+    for k in ("path", "model_type", "family", "layers", "hidden_size", "vocab_size", "heads", "kv_heads",
+              "tied_embeddings", "tensors"):
         print(f"{k:<16} {info[k]}")
     print(f"{'parameters':<16} {info['parameters']:,} ({info['parameters'] / 1e6:.1f} M)")
     print(f"{'dtypes':<16} " + ", ".join(f"{d}: {n:,}" for d, n in info["dtypes"].items()))

@@ -30,9 +30,7 @@ def run_fetch(args: argparse.Namespace) -> int:
 
     if args.workers < 1 or args.retries < 0:
         raise ConfigError("--workers must be at least 1 and --retries at least 0")
-    path = fetch(
-        args.uri, endpoint_url=args.endpoint_url, dest=args.dest, workers=args.workers, retries=args.retries
-    )
+    path = fetch(args.uri, endpoint_url=args.endpoint_url, dest=args.dest, workers=args.workers, retries=args.retries)
     print(path)
     return 0
 
