@@ -475,9 +475,7 @@ def fetch(
                     to_get[r] = None
             unlisted = [r for r in unlisted if r not in also_fetch]
             if unlisted:
-                shown = ", ".join(unlisted[:5]) + (
-                    f" and {len(unlisted) - 5} more" if len(unlisted) > 5 else ""
-                )
+                shown = ", ".join(unlisted[:5]) + (f" and {len(unlisted) - 5} more" if len(unlisted) > 5 else "")
                 log.warning(
                     "%s: ignoring %d object(s) not listed in %s (never downloaded or used): %s",
                     uri, len(unlisted), ref_name, shown,
@@ -516,8 +514,7 @@ def fetch(
             "reference": ref_name,
             "reference_sha256": digest if ref_raw is not None else None,
             "files": {
-                r: {"sha256": got[r], "bytes": objs[r].size, "stat": _stat_id(staging / r)}
-                for r in sorted(got)
+                r: {"sha256": got[r], "bytes": objs[r].size, "stat": _stat_id(staging / r)} for r in sorted(got)
             },
             "fetched": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
@@ -609,11 +606,7 @@ def _cached_bad(path: Path, key: str, expected: dict[str, tuple[str, int | None]
 
 def _trust_path(uri: str, cache_dir: str | os.PathLike | None) -> Path:
     """Where the sha256 list of a prefix without a reference list is recorded at its first fetch."""
-    return (
-        _cache_root(cache_dir).absolute()
-        / "trusted"
-        / (hashlib.sha256(uri.encode()).hexdigest()[:24] + ".json")
-    )
+    return _cache_root(cache_dir).absolute() / "trusted" / (hashlib.sha256(uri.encode()).hexdigest()[:24] + ".json")
 
 
 def _read_trust(path: Path, uri: str) -> dict[str, tuple[str, int | None]] | None:
@@ -622,9 +615,7 @@ def _read_trust(path: Path, uri: str) -> dict[str, tuple[str, int | None]] | Non
     except FileNotFoundError:
         return None
     except (OSError, ValueError):
-        raise StorageError(
-            f"{path}: unreadable sha256 record of {uri}; remove it to fetch {uri} afresh"
-        ) from None
+        raise StorageError(f"{path}: unreadable sha256 record of {uri}; remove it to fetch {uri} afresh") from None
     if not isinstance(rec, dict) or rec.get("uri") != uri:
         raise StorageError(f"{path}: not the sha256 record of {uri}; remove it to fetch {uri} afresh")
     return manifest_files(rec, str(path))

@@ -272,9 +272,7 @@ def run_local(args: argparse.Namespace) -> int:
     if summary["status"] != "SUCCEEDED":
         from seme.errors import PipelineError
 
-        raise PipelineError(
-            f"pipeline run {summary['status'].lower()}: {summary.get('error') or 'see ' + summary['log']}"
-        )
+        raise PipelineError(f"pipeline run {summary['status'].lower()}: {summary.get('error') or 'see ' + summary['log']}")
     return 0
 
 
