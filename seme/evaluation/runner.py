@@ -251,8 +251,10 @@ def text_windows(tok: Any, texts: dict[str, str], window: int, max_windows: int,
                  per_text: int = 4) -> list[list[int]]:
     """Token windows of length ``window`` spread over each text (sorted by name), at most ``max_windows``.
 
-    A single text gives up to ``max_windows`` consecutive windows; several texts up to ``per_text``
-    windows each, spread over the text, then evenly thinned to ``max_windows``.
+    The text is cut into consecutive windows; every ``step``-th one is kept (``step = n // k`` for n
+    windows in the text and k = ``per_text``), so the kept windows spread over the whole text. A
+    single text keeps up to ``max_windows``; several texts up to ``per_text`` each, then the whole
+    selection is thinned evenly to ``max_windows``.
     """
     if len(texts) == 1:
         per_text = max_windows

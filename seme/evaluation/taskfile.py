@@ -362,12 +362,12 @@ def check_lm_eval_tasks(specs: list[TaskSpec]) -> None:
     for t in specs:
         name, inc = t.options["task"], t.options["include_path"]
         if inc is not None:  # the local tasks alone first: indexing all of the harness takes ~15 s
-            tm = TaskManager(include_path=inc, include_defaults=False, verbosity="ERROR")
+            tm = TaskManager(include_path=inc, include_defaults=False)
             if name in tm.all_tasks:
                 t.options["_manager"] = tm
                 continue
         if defaults is None:
-            defaults = TaskManager(include_path=None, verbosity="ERROR")
+            defaults = TaskManager(include_path=None)
         if name not in defaults.all_tasks:
             where = f" (include_path {inc})" if inc else ""
             raise EvalError(f"{t.where}: task {t.name!r}: lm-eval has no task {name!r}{where}")
