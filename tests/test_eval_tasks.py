@@ -362,3 +362,47 @@ def test_compare_detects_a_planted_difference_and_not_identical_models(tiny_zoo,
 
     again = compare([read_metrics(files["a"]), read_metrics(files["b"])], names=[str(files["a"]), str(files["b"])])
     assert again["against"][str(files["b"])] == vs_base
+
+
+# ------------------------------------------------------------------------------------------------
+# the gate's "not significantly worse than the expert" rule
+# ------------------------------------------------------------------------------------------------
+
+
+def _acc_entry(correct: list[int], items: str = "x") -> dict:
+    return {"metric": "accuracy", "value": sum(correct) / len(correct), "n": len(correct),
+            "per_item": {"correct": correct}, "items_sha256": items}
+
+
+def test_gate_not_significantly_worse_than_the_expert(tmp_path):
+    from seme.gates import run_gate
+
+    expert = _acc_entry([1] * 30)
+    close = _acc_entry([1] * 28 + [0] * 2)          # 2 discordant items: p = 0.5, not significant
+    far = _acc_entry([1] * 14 + [0] * 16)           # 16 discordant: p ~ 3e-5
+    general = {"prose": {"metric": "perplexity", "value": 10.0}}
+
+    def bundle(merged: dict) -> dict:
+        return {"merged": {"tasks": {"t": merged}, "general": general},
+                "parents": {"base": {"tasks": {"t": _acc_entry([0] * 30)}, "general": general},
+                            "ex": {"tasks": {"t": expert}, "general": general}},
+                "experts": {"t": "ex"}}
+
+    pol = tmp_path / "p.yaml"
+    # ratio rule lenient (0.4), significance on: the ratio passes for both, significance decides
+    pol.write_text("version: 1\nexpert_retention: {min_ratio: 0.4}\nexpert_significance: {alpha: 0.05}\n")
+    ok = run_gate(bundle(close), pol, tmp_path / "ok")
+    assert ok.passed, ok.failures
+    bad = run_gate(bundle(far), pol, tmp_path / "bad")
+    assert not bad.passed
+    (fail,) = bad.failures
+    assert fail.startswith("significance:t:") and "exact McNemar" in fail and "expert 'ex'" in fail
+    doc = json.loads((tmp_path / "bad" / "gate_result.json").read_text())
+    assert doc["significance"][0]["worse"] == 1.0 and doc["significance"][0]["p_value"] < 0.001
+    # without per-item results nothing can be shown: the check fails and says why
+    bare = {k: v for k, v in far.items() if k != "per_item"}
+    res = run_gate(bundle(bare), pol, tmp_path / "bare")
+    assert not res.passed and any("no per-item results" in f for f in res.failures)
+    # not asked for: the same bundle passes on the ratio rule alone
+    pol.write_text("version: 1\nexpert_retention: {min_ratio: 0.4}\n")
+    assert run_gate(bundle(far), pol, tmp_path / "ratio").passed

@@ -102,8 +102,9 @@ def run_exact_match(pr: Prepared, model: Any, tok: Any, batch_size: int, progres
     o = pr.spec.options
     nl = o["stop_at_newline"]
     ends = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    decided = _mismatch(tok, [e.answer for e in pr.items], nl) if o["match"] == "exact" else None
     gen = runner.greedy_tokens(model, pr.prompts, o["max_new_tokens"], runner.newline_ids(tok) if nl else set(),
-                               ends, tok.pad_token_id, batch_size, progress)
+                               ends, tok.pad_token_id, batch_size, progress, decided)
     preds = tok.batch_decode(gen, skip_special_tokens=True)
     preds = [p.split("\n")[0] for p in preds] if nl else preds
     if o["match"] == "contains":
@@ -114,6 +115,26 @@ def run_exact_match(pr: Prepared, model: Any, tok: Any, batch_size: int, progres
     entry = _binary_entry("accuracy", ok, ex)
     entry["items_sha256"] = data_hash([[e.prompt, e.answer] for e in pr.items])
     return entry
+
+
+def _mismatch(tok: Any, answers: list[str], newline: bool) -> Any:
+    """``decided(i, tokens)``: True once item i's prediction can no longer equal its answer.
+
+    The prediction is the first line of the decoded tokens, compared after strip(); once its
+    left-stripped text is neither a prefix of the answer nor the answer plus whitespace, no further
+    token can make it equal, so generation of that item stops there (the recorded prediction is the
+    text up to that point). A trailing U+FFFD (a character cut between tokens) is ignored.
+    """
+    want = [a.strip() for a in answers]
+
+    def decided(i: int, toks: list[int]) -> bool:
+        text = tok.decode(toks, skip_special_tokens=True)
+        if newline:
+            text = text.split("\n")[0]
+        s, a = text.lstrip().rstrip("\ufffd"), want[i]
+        return not (a.startswith(s) or (s.startswith(a) and not s[len(a):].strip()))
+
+    return decided
 
 
 def run_multiple_choice(pr: Prepared, model: Any, tok: Any, batch_size: int, progress: Any) -> dict[str, Any]:

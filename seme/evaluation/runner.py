@@ -13,6 +13,7 @@ Everything runs in float32 (CPU by default, ``cuda`` when asked) under ``torch.i
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -126,11 +127,13 @@ def _left_pad(seqs: list[list[int]], pad_id: int, device: Any) -> tuple[Any, Any
 
 
 def greedy_tokens(model: Any, prompts: list[list[int]], max_new_tokens: int, stop_ids: set[int],
-                  end_ids: set[int], pad_id: int, batch_size: int = 64, progress: Any = None) -> list[list[int]]:
+                  end_ids: set[int], pad_id: int, batch_size: int = 64, progress: Any = None,
+                  decided: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]:
     """Greedy continuations (token ids) of tokenized prompts, batched with left padding and a KV cache.
 
-    A row ends at a token in ``end_ids`` (not kept: end of sequence) or after a token in ``stop_ids``
-    (kept: e.g. any token containing a newline). Finished rows leave the batch and its cache.
+    A row ends at a token in ``end_ids`` (not kept: end of sequence), after a token in ``stop_ids``
+    (kept: e.g. any token containing a newline), or when ``decided(prompt index, tokens so far)`` says
+    that more tokens cannot change the outcome. Finished rows leave the batch and its cache.
     Prompts are batched by length so that little padding is computed.
     """
     import torch
@@ -155,7 +158,7 @@ def greedy_tokens(model: Any, prompts: list[list[int]], max_new_tokens: int, sto
                     if t in end_ids:
                         continue
                     out[alive[r]].append(t)
-                    if t not in stop_ids:
+                    if t not in stop_ids and not (decided is not None and decided(alive[r], out[alive[r]])):
                         keep.append(r)
                 if not keep or step == max_new_tokens - 1:
                     break
