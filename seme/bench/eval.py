@@ -138,11 +138,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def format_report(r: dict[str, Any]) -> str:
     sides = [s for s in ("before", "after") if s in r]
-    lines = [f"# seme eval speed ({r['date']})", "",
-             f"model `{r['model']}`; {r['workload']['exact_match_tasks']} exact-match tasks x "
-             f"{r['workload']['items_per_task']} items + {r['workload']['prose_windows']} prose windows of 128 tokens; "
-             f"{r['machine']['threads']} threads on {r['machine']['cpus']} CPUs ({r['machine']['cpu']}); "
-             f"load average {r['loadavg_start'][0]:.1f} at start, {r['loadavg_end'][0]:.1f} at end.", "",
+    w, m = r["workload"], r["machine"]
+    intro = (f"model `{r['model']}`; {w['exact_match_tasks']} exact-match tasks x {w['items_per_task']} items "
+             f"+ {w['prose_windows']} prose windows of 128 tokens; {m['threads']} threads on {m['cpus']} CPUs "
+             f"({m['cpu']}); load average {r['loadavg_start'][0]:.1f} at start, {r['loadavg_end'][0]:.1f} at end.")
+    lines = [f"# seme eval speed ({r['date']})", "", intro, "",
              "| task | " + " | ".join(f"{s} s | {s} value" for s in sides) + " |",
              "|---|" + "---|---|" * len(sides)]
     for name in r[sides[-1]]["tasks"]:
