@@ -96,7 +96,7 @@ class TaskFile:
 
     def record(self) -> dict[str, Any]:
         """What the metrics JSON says about the task file: source, digest, every data file's digest."""
-        return {"name": self.name, "source": self.source, "sha256": self.sha256,
+        return {"name": self.name, "source": self.source, "path": str(self.path), "sha256": self.sha256,
                 "data": [{"task": t.name, **f} for t in self.tasks for f in t.data_files]}
 
 
