@@ -84,7 +84,10 @@ def test_run_local_with_a_user_task_file_from_s3(tiny_zoo, s3_server, mlflow_ser
     gate = json.loads((Path(s["gate"]["result"]) / "gate_result.json").read_text())
     (sig,) = gate["significance"]
     assert sig["task"] == "arithmetic" and sig["expert"] == "arithmetic" and sig["test"] == "exact McNemar"
-    assert s["gate"]["passed"] == (sig["worse"] == 0.0)
+    checks = {c["check"]: c for c in gate["checks"]}
+    assert checks["significance:arithmetic"]["passed"] == (sig["worse"] == 0.0)
+    assert checks["significance:arithmetic:defined"]["passed"]
+    assert s["registry"]["alias"] == ("pilot" if s["gate"]["passed"] else "")
 
     # MLflow: every task's metric for merged and each parent, the per-item table, the chart, the inputs
     c = registry.client(mlflow_server)
