@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from seme.cli import main as seme_main
+from seme.errors import EvalError
 
 PROSE = "\n\n".join(f"Section {i}. " + " ".join(f"word{(i * 7 + j) % 50} is number {j}" for j in range(40))
                     for i in range(4))
@@ -251,6 +252,41 @@ def test_lm_eval_kind_equals_the_harness_called_directly(metrics, expert, task_d
     assert t["value"] == res["results"]["sums_local"]["acc,none"]
     direct = [int(s["acc"]) for s in sorted(res["samples"]["sums_local"], key=lambda s: s["doc_id"])]
     assert t["per_item"]["correct"] == direct
+
+
+def test_chat_tasks_use_the_chat_template(expert, hf, tmp_path):
+    """``chat: true``: prompts go through the tokenizer's chat template (no extra special tokens)."""
+    import shutil
+
+    from seme.evaluation import evaluate
+
+    model, tok = hf
+    d = tmp_path / "chatty"
+    shutil.copytree(expert, d)
+    tmpl = ("{% for m in messages %}<|user|>{{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    (d / "chat_template.jinja").write_text(tmpl)
+    rows = [{"prompt": p, "answer": "7"} for p in ("3+4=", "What is 3+4?", "10-3=")]
+    _write(tmp_path / "em.jsonl", rows)
+    (tmp_path / "t.yaml").write_text("tasks:\n  - {name: c, kind: exact_match, data: em.jsonl, chat: true, "
+                                     "match: contains, stop_at_newline: false, max_new_tokens: 6}\n")
+    m = evaluate(d, task_file=tmp_path / "t.yaml", progress=False)
+    tok.chat_template = tmpl
+    by_hand = []
+    for r in rows:
+        text = tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False,
+                                       add_generation_prompt=True)
+        assert text.startswith("<|user|>") and text.endswith("<|assistant|>")
+        ids = tok(text, return_tensors="pt", add_special_tokens=False)
+        out = model.generate(**ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+        reply = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        by_hand.append(reply)
+    t = m["tasks"]["c"]
+    assert [e["pred"] for e in t["examples"]] == by_hand
+    assert t["per_item"]["correct"] == [int("7" in r) for r in by_hand]
+    # the same task on a tokenizer without a template: one line naming the task, before the model loads
+    with pytest.raises(EvalError, match=r"t.yaml:2: task 'c' asks for chat: true, but the model's tokenizer"):
+        evaluate(expert, task_file=tmp_path / "t.yaml", progress=False)
 
 
 # ------------------------------------------------------------------------------------------------
