@@ -442,3 +442,48 @@ def test_gate_not_significantly_worse_than_the_expert(tmp_path):
     # not asked for: the same bundle passes on the ratio rule alone
     pol.write_text("version: 1\nexpert_retention: {min_ratio: 0.4}\n")
     assert run_gate(bundle(far), pol, tmp_path / "ratio").passed
+
+
+# ------------------------------------------------------------------------------------------------
+# task files and data from S3 (the pipeline's `tasks` input: YAML text or an s3:// URI)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_task_file_as_text_with_data_from_s3(s3_server, tmp_path, monkeypatch):
+    import boto3
+
+    from seme.errors import StorageError
+    from seme.evaluation import open_tasks
+    from seme.evaluation.taskfile import resolve_source
+    from seme.fsutil import sha256_file
+    from seme.storage import publish
+    from services import create_bucket
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_server)
+    monkeypatch.setenv("SEME_CACHE_DIR", str(tmp_path / "cache"))
+    d = tmp_path / "data"
+    d.mkdir()
+    _write(d / "em.jsonl", [{"prompt": "1+1=", "answer": "2"}, {"prompt": "2+2=", "answer": "4"}])
+    create_bucket(s3_server, "evals")
+    publish(d, "s3://evals/sets/a", endpoint_url=s3_server)
+    text = "tasks:\n  - {name: s, kind: exact_match, data: s3://evals/sets/a/em.jsonl}\n"
+    tf = open_tasks(task_file=resolve_source(text, tmp_path / "w"), inline=True, source="inline")
+    (t,) = tf.tasks
+    assert [e.answer for e in t.items] == ["2", "4"]
+    assert t.data_files[0]["source"] == "s3://evals/sets/a/em.jsonl"
+    assert t.data_files[0]["sha256"] == sha256_file(d / "em.jsonl")
+    # the task file itself from S3: relative data paths resolve next to it
+    (d / "tasks.yaml").write_text("tasks:\n  - {name: s, kind: exact_match, data: em.jsonl}\n")
+    publish(d, "s3://evals/sets/b", endpoint_url=s3_server)
+    tf = open_tasks(task_file=resolve_source("s3://evals/sets/b/tasks.yaml"), source="s3://evals/sets/b/tasks.yaml")
+    assert tf.record()["source"] == "s3://evals/sets/b/tasks.yaml" and len(tf.tasks[0].items) == 2
+    # text cannot say what a relative path is relative to
+    with pytest.raises(EvalError, match=r"tasks.yaml:2: task 's': data 'em.jsonl' is relative"):
+        open_tasks(task_file=resolve_source(text.replace("s3://evals/sets/a/", ""), tmp_path / "w2"), inline=True)
+    # a data object changed after publishing: verification fails, nothing is used
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    s3.put_object(Bucket="evals", Key="sets/c/em.jsonl", Body=b'{"prompt": "1+1=", "answer": "2"}\n')
+    publish(d, "s3://evals/sets/c", endpoint_url=s3_server)
+    s3.put_object(Bucket="evals", Key="sets/c/em.jsonl", Body=b'{"prompt": "1+1=", "answer": "3"}\n')
+    with pytest.raises(StorageError, match="sha256|size mismatch"):
+        open_tasks(task_file=resolve_source(text.replace("sets/a", "sets/c"), tmp_path / "w3"), inline=True)
