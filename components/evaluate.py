@@ -34,11 +34,10 @@ def evaluate_models(
     """
     import json
     import os
+    import shutil
 
     from components.common import artifact_digest, parent_names
     from seme.errors import ConfigError
-    import shutil
-
     from seme.evaluation import evaluate, open_tasks, write_metrics
     from seme.evaluation.compare import compare_pair
     from seme.evaluation.report import plot_models

@@ -451,13 +451,13 @@ def test_gate_not_significantly_worse_than_the_expert(tmp_path):
 
 def test_task_file_as_text_with_data_from_s3(s3_server, tmp_path, monkeypatch):
     import boto3
+    from services import create_bucket
 
     from seme.errors import StorageError
     from seme.evaluation import open_tasks
     from seme.evaluation.taskfile import resolve_source
     from seme.fsutil import sha256_file
     from seme.storage import publish
-    from services import create_bucket
 
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_server)
     monkeypatch.setenv("SEME_CACHE_DIR", str(tmp_path / "cache"))

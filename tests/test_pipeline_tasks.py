@@ -36,11 +36,12 @@ def _task_dir(d: Path) -> Path:
 
 
 def test_run_local_with_a_user_task_file_from_s3(tiny_zoo, s3_server, mlflow_server, tmp_path):
+    from services import create_bucket
+
     from pipelines.local import run_local
     from seme import registry
     from seme.fsutil import sha256_file
     from seme.storage import publish
-    from services import create_bucket
 
     tdir = _task_dir(tmp_path / "user_tasks")
     create_bucket(s3_server, "user-evals")
