@@ -183,11 +183,15 @@ def run_perplexity(pr: Prepared, model: Any, tok: Any, batch_size: int, progress
 
 
 def run_lm_eval(pr: Prepared, model: Any, tok: Any, batch_size: int, limit: int | None,
-                device: str) -> dict[str, Any]:
+                device: str, progress: bool = True) -> dict[str, Any]:
     """One lm-evaluation-harness task on the loaded model (the harness's own requests and metrics)."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
+    if not progress:
+        import datasets
+
+        datasets.disable_progress_bars()
     o = pr.spec.options
     name, metric = o["task"], o["metric"]
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # warnings about defaults it fills in

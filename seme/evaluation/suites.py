@@ -152,7 +152,7 @@ def evaluate(
             elif spec.kind == "perplexity":
                 entry = kinds.run_perplexity(pr, model, tok, batch_size, bar)
             else:
-                entry = kinds.run_lm_eval(pr, model, tok, min(batch_size, 32), limit, device)
+                entry = kinds.run_lm_eval(pr, model, tok, min(batch_size, 32), limit, device, progress)
         entry["kind"] = spec.kind
         if spec.description:
             entry["description"] = spec.description
