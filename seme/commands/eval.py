@@ -20,6 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=None, help="at most N items per task (quick runs)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="compute dtype (bfloat16: faster on CPUs with bf16 units; compare at one dtype)")
     p.add_argument("--data-free", action="store_true", help="SeMe data-free diagnostics instead of a suite")
     p.add_argument("--sources", nargs="+", default=None, help="source models for --data-free")
     p.set_defaults(func=run)
@@ -85,7 +87,7 @@ def _evaluate(args: argparse.Namespace, progress: bool) -> int:
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     metrics = evaluate(args.model_dir, task_file=tf, zoo_dir=args.zoo, device=args.device,
-                       batch_size=args.batch_size, limit=args.limit, progress=progress)
+                       batch_size=args.batch_size, limit=args.limit, progress=progress, dtype=args.dtype)
     print(format_table(metrics))
     if args.out:
         print(f"metrics: {write_metrics(metrics, args.out)}")

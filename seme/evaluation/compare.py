@@ -51,6 +51,10 @@ def compare(metrics: list[dict[str, Any]], names: list[str] | None = None,
     if len(metrics) < 2:
         raise EvalError("--compare needs at least two metrics files (A B [C …]): A is compared with each")
     names = names or [str(m.get("model", f"model{i}")) for i, m in enumerate(metrics)]
+    dtypes = {m.get("dtype", "float32") for m in metrics}
+    if len(dtypes) > 1:
+        raise EvalError(f"the metrics were computed at different dtypes ({', '.join(sorted(dtypes))}); "
+                        "compare models evaluated at one dtype")
     return {"model": names[0], "n_boot": n_boot,
             "against": {names[i]: compare_pair(metrics[0], metrics[i], n_boot) for i in range(1, len(metrics))}}
 

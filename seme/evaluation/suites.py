@@ -115,6 +115,7 @@ def evaluate(
     progress: bool = True,
     general: bool = True,
     task_file: str | os.PathLike | TaskFile | None = None,
+    dtype: str = "float32",
 ) -> dict[str, Any]:
     """Run a built-in suite or a task file on one model and return the metrics dict.
 
@@ -132,7 +133,7 @@ def evaluate(
                         general=general)
     tok = runner.load_tokenizer(model_dir)
     prepared = [kinds.prepare(t, tok, limit) for t in tf.tasks]
-    model, tok = runner.load_model(model_dir, device, progress, tok=tok)
+    model, tok = runner.load_model(model_dir, device, progress, tok=tok, dtype=dtype)
     import torch
 
     torch.manual_seed(0)
@@ -166,6 +167,7 @@ def evaluate(
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "seme_version": __version__,
         "device": device,
+        "dtype": dtype,
         "wall_s": round(time.perf_counter() - t0, 2),
     }
     if limit:
