@@ -487,3 +487,19 @@ def test_task_file_as_text_with_data_from_s3(s3_server, tmp_path, monkeypatch):
     s3.put_object(Bucket="evals", Key="sets/c/em.jsonl", Body=b'{"prompt": "1+1=", "answer": "3"}\n')
     with pytest.raises(StorageError, match="sha256|size mismatch"):
         open_tasks(task_file=resolve_source(text.replace("sets/a", "sets/c"), tmp_path / "w3"), inline=True)
+
+
+def test_compare_refuses_results_that_do_not_pair(tmp_path, capsys):
+    a = {"model": "a", "tasks": {"t": _acc_entry([1, 0, 1], "x"), "u": _acc_entry([1, 1, 0], "y")}, "general": {}}
+    b = {"model": "b", "tasks": {"t": _acc_entry([1, 1, 1], "x"), "u": _acc_entry([1, 1, 0], "other items")},
+         "general": {}}
+    for name, m in (("a", a), ("b", b), ("c", {**b, "dtype": "bfloat16"})):
+        (tmp_path / f"{name}.json").write_text(json.dumps(m))
+    assert seme_main(["eval", "--compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 0
+    out = capsys.readouterr().out
+    assert "different items" in out and "exact McNemar" in out
+    rc = seme_main(["eval", "--compare", str(tmp_path / "a.json"), str(tmp_path / "c.json")])
+    err = capsys.readouterr().err
+    assert rc != 0 and "different dtypes (bfloat16, float32)" in err and err.count("\n") == 1
+    assert seme_main(["eval", "--compare", str(tmp_path / "a.json")]) != 0
+    assert "at least two metrics files" in capsys.readouterr().err
