@@ -164,18 +164,23 @@ def greedy_tokens(model: Any, prompts: list[list[int]], max_new_tokens: int, sto
                 nxt = res.logits[:, -1, :].argmax(-1)
                 keep = []
                 for r, t in enumerate(nxt.tolist()):
-                    if t in end_ids:
+                    i = alive[r]
+                    if i is None or t in end_ids:  # None: finished, kept only by a cache that cannot drop rows
                         continue
-                    out[alive[r]].append(t)
-                    if t not in stop_ids and not (decided is not None and decided(alive[r], out[alive[r]])):
+                    out[i].append(t)
+                    if t not in stop_ids and not (decided is not None and decided(i, out[i])):
                         keep.append(r)
                 if not keep or step == max_new_tokens - 1:
                     break
                 if len(keep) < len(alive):  # drop finished rows from the batch and the cache
                     sel = torch.tensor(keep, device=dev)
-                    cache.batch_select_indices(sel)
-                    mask, nxt, cur_pos = mask[sel], nxt[sel], cur_pos[sel]
-                    alive = [alive[r] for r in keep]
+                    try:
+                        cache.batch_select_indices(sel)
+                    except (AttributeError, NotImplementedError, RuntimeError, ValueError):
+                        alive = [a if r in keep else None for r, a in enumerate(alive)]
+                    else:
+                        mask, nxt, cur_pos = mask[sel], nxt[sel], cur_pos[sel]
+                        alive = [alive[r] for r in keep]
                 cur_ids = nxt[:, None]
                 cur_pos = cur_pos[:, -1:] + 1
                 mask = torch.cat([mask, torch.ones(len(alive), 1, dtype=mask.dtype, device=dev)], dim=1)
