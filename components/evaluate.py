@@ -62,10 +62,11 @@ def evaluate_models(
     os.makedirs(report.path, exist_ok=True)
     if tasks.strip():
         is_uri = tasks.strip().startswith("s3://")
-        path = resolve_source(tasks, workdir=os.path.join(report.path, ".inline"))
+        path = resolve_source(tasks, workdir=report.path)  # YAML text: written to report/tasks.yaml
         tf = open_tasks(task_file=path, source=tasks.strip() if is_uri else "inline", inline=not is_uri)
-        shutil.copyfile(path, os.path.join(report.path, "tasks.yaml"))
-        shutil.rmtree(os.path.join(report.path, ".inline"), ignore_errors=True)
+        copy = os.path.join(report.path, "tasks.yaml")
+        if os.path.abspath(path) != os.path.abspath(copy):
+            shutil.copyfile(path, copy)
     else:
         tf = open_tasks(suite)
     results = {}

@@ -321,6 +321,11 @@ def log_merge_run(
             _call(f"log {f.name}", uri, c.log_artifact, run_id, str(f), "eval")
         if metrics_doc is not None:
             _log_eval_details(c, uri, run_id, metrics_doc)
+        if isinstance(metrics, str | os.PathLike):  # the evaluation report's task file and comparison
+            for name, where in (("tasks.yaml", "eval/task_file"), ("comparison.json", "eval")):
+                f = Path(metrics).parent / name
+                if f.is_file():
+                    _call(f"log {name}", uri, c.log_artifact, run_id, str(f), where)
         md = Path(model_dir)
         for name in ("seme_manifest.json", "README.md", "config.json"):
             if (md / name).is_file():
@@ -342,7 +347,7 @@ def log_merge_run(
 
 def _log_eval_details(c: Any, uri: str, run_id: str, metrics_doc: dict[str, Any]) -> None:
     """Per-item table (``mlflow.log_table``), the merged-vs-parents chart, and the task file and its
-    data files as the run's dataset inputs (source + sha256 digest; the task file itself as artifact)."""
+    data files as the run's dataset inputs (source + sha256 digest)."""
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
     from seme.evaluation.report import datasets_of, item_table, models_of, plot_models
@@ -359,9 +364,6 @@ def _log_eval_details(c: Any, uri: str, run_id: str, metrics_doc: dict[str, Any]
         ds = Dataset(name=d["name"][:500], digest=d["sha256"][:36], source_type="seme",
                      source=json.dumps({"uri": d["source"], "sha256": d["sha256"]}))
         inputs.append(DatasetInput(ds, tags=[InputTag("mlflow.data.context", "eval")]))
-        p = Path(d["path"]) if d["path"] else None
-        if d["name"].startswith("tasks:") and p is not None and p.is_file():
-            _call("log task file", uri, c.log_artifact, run_id, str(p), "eval/task_file")
     if inputs:
         _call("log eval inputs", uri, c.log_inputs, run_id, inputs)
 

@@ -98,7 +98,9 @@ def test_run_local_with_a_user_task_file_from_s3(tiny_zoo, s3_server, mlflow_ser
             assert run.data.metrics[f"{model}/{task}"] == (
                 s["metrics"][model]["general" if "general" in task else "tasks"][task.split("/")[-2]]["value"])
     arts = {f.path for f in c.list_artifacts(run.info.run_id, "eval")}
-    assert {"eval/items.json", "eval/merged_vs_parents.png", "eval/task_file"} <= arts
+    assert {"eval/items.json", "eval/merged_vs_parents.png", "eval/task_file", "eval/comparison.json"} <= arts
+    logged = c.download_artifacts(run.info.run_id, "eval/task_file/tasks.yaml", str(tmp_path / "dl"))
+    assert Path(logged).read_bytes() == (tdir / "tasks.yaml").read_bytes()
     table = json.loads(Path(c.download_artifacts(run.info.run_id, "eval/items.json", str(tmp_path))).read_text())
     rows = [dict(zip(table["columns"], r, strict=True)) for r in table["data"]]
     assert len(rows) == 4 * (12 + 6 + 8)
