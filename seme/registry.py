@@ -358,7 +358,8 @@ def _log_eval_details(c: Any, uri: str, run_id: str, metrics_doc: dict[str, Any]
         _call("log per-item table", uri, c.log_table, run_id, table, "eval/items.json")
     with tempfile.TemporaryDirectory(prefix="seme-eval-") as td:
         png = plot_models(models, Path(td) / "merged_vs_parents.png")
-        _call("log eval chart", uri, c.log_artifact, run_id, str(png), "eval")
+        if png is not None:
+            _call("log eval chart", uri, c.log_artifact, run_id, str(png), "eval")
     inputs = []
     for d in datasets_of(models["merged"]):
         ds = Dataset(name=d["name"][:500], digest=d["sha256"][:36], source_type="seme",

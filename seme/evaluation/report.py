@@ -25,8 +25,10 @@ def _entries(m: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def plot_models(models: dict[str, dict[str, Any]], out_png: str | os.PathLike) -> Path:
-    """One bar group per task (one bar per model) with 95% CI whiskers; a panel per metric."""
+def plot_models(models: dict[str, dict[str, Any]], out_png: str | os.PathLike) -> Path | None:
+    """One bar group per task (one bar per model) with 95% CI whiskers; a panel per metric.
+
+    None (no file) when no model reports a task with a value."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -35,17 +37,19 @@ def plot_models(models: dict[str, dict[str, Any]], out_png: str | os.PathLike) -
     names = list(models)
     per = {n: _entries(m) for n, m in models.items()}
     tasks = sorted({t for e in per.values() for t in e})
-    metrics = sorted({per[n][t]["metric"] for n in names for t in tasks if t in per[n]})
+    metrics = sorted({str(per[n][t].get("metric", "value")) for n in names for t in tasks if t in per[n]})
+    if not metrics:
+        return None
     fig, axes = plt.subplots(len(metrics), 1, figsize=(max(6, 1.6 * len(tasks) + 2), 3.2 * len(metrics)),
                              squeeze=False)
     width = 0.8 / max(1, len(names))
     for ax, metric in zip(axes[:, 0], metrics, strict=True):
-        ts = [t for t in tasks if any(t in per[n] and per[n][t]["metric"] == metric for n in names)]
+        ts = [t for t in tasks if any(t in per[n] and per[n][t].get("metric", "value") == metric for n in names)]
         for i, n in enumerate(names):
             xs, ys, lo, hi = [], [], [], []
             for j, t in enumerate(ts):
                 e = per[n].get(t)
-                if e is None or e["metric"] != metric:
+                if e is None or e.get("metric", "value") != metric:
                     continue
                 v = float(e["value"])
                 ci = e.get("ci95") or [v, v]
