@@ -46,7 +46,7 @@ from seme.checkpoint import (
 )
 from seme.config import MergeConfig, ParamResolver
 from seme.errors import CheckpointError, ConfigError
-from seme.fsutil import atomic_dir, sha256_file
+from seme.fsutil import atomic_dir, check_out_dir, clean_stale_temps, sha256_file
 from seme.methods import gta
 
 HASH_CACHE_ENV = "SEME_HASH_CACHE"  # directory of cached input digests; "off" disables the cache
@@ -165,6 +165,9 @@ def check_compatible(cks: list[Checkpoint]) -> None:
                     f"tensor {n}: shape {list(ck.shape(n))} in {ck.path} does not match "
                     f"{list(ref.shape(n))} in {ref.path}"
                 )
+            a, b = ck.st_dtype(n), ref.st_dtype(n)
+            if a != b and (a not in FLOAT_CODES or b not in FLOAT_CODES):
+                raise CheckpointError(f"tensor {n}: dtype {a} in {ck.path} does not match {b} in {ref.path}")
         extra = names.difference(ref.names)
         if extra:
             raise CheckpointError(f"{ck.path}: tensor {min(extra)} is not present in {ref.path}")
@@ -244,7 +247,11 @@ def run_merge(
     out_code = parse_dtype_code(cfg.out_dtype)
     if spec.name != "seme" and alignment is not None:
         raise ConfigError("--alignment is only used with merge_method: seme")
+    protect = [cfg.base_model, *(m.model for m in cfg.models), alignment, config_path]
+    out_path = check_out_dir(out_dir, overwrite, protect=protect)  # fail fast, before any work
+    clean_stale_temps(out_path.parent)
     sources, base = open_inputs(cfg, allow_pickle=allow_pickle)
+    tok_src = _tokenizer_source(cfg, sources, base)
     anchor = base or sources[0]
     arch = anchor.architecture
     plan = []
@@ -262,9 +269,13 @@ def run_merge(
     if spec.name == "seme":
         from seme.seme_merge import SemeMerger  # heavy: only for SeMe
 
-        seme_merger = SemeMerger.prepare(
-            cfg, sources, base, Path(alignment) if alignment else None, str(dev)
-        )
+        try:
+            seme_merger = SemeMerger.prepare(
+                cfg, sources, base, Path(alignment) if alignment else None, str(dev)
+            )
+        except ConfigError as e:
+            raise (ConfigError(f"{e} (config {config_path})") if config_path and config_path not in str(e)
+                   else e) from None
 
     resolver = ParamResolver(cfg, spec.global_params, spec.model_params)
 
@@ -382,7 +393,8 @@ def run_merge(
     produce = bits_tensor if bit_path else torch_tensor
     written = 0
     outputs = _OutputPool(max((math.prod(s) * ITEMSIZE[d] for _, s, d in plan), default=0))
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    protect += [ck.path for ck in inputs]  # s3:// inputs: their local copies
+    with atomic_dir(out_dir, overwrite=overwrite, protect=protect) as tmp:
         writer = CheckpointWriter(tmp, plan, cfg.shard_bytes())
         try:
             bar = _progress(len(plan), progress)
@@ -395,7 +407,10 @@ def run_merge(
                     nxt = prefetch.submit(load, plan[0][0], plan[0][2])
                 pending: list[Future] = []
                 for i, (name, _shape, odc) in enumerate(plan):
-                    merged = produce(i, name, odc)
+                    try:
+                        merged = produce(i, name, odc)
+                    except ConfigError as e:  # a parameter that is bad for this tensor: say where
+                        raise ConfigError(f"{e} (tensor {name}, config {config_path or 'given'})") from None
                     for f in pending:  # at most one tensor being written: bounded memory
                         f.result()
                     # the write (a memcpy into the page cache) and the sha256 of the same bytes,
@@ -411,7 +426,6 @@ def run_merge(
         except BaseException:
             writer.abort()
             raise
-        tok_src = _tokenizer_source(cfg, sources, base)
         out_config = dict(anchor.config)
         if out_code is not None:
             out_config["torch_dtype"] = cfg.out_dtype
