@@ -51,6 +51,11 @@ class _StderrHandler(logging.StreamHandler):
     def stream(self, _value) -> None:
         pass
 
+    def format(self, record: logging.LogRecord) -> str:
+        from seme.errors import redact_url
+
+        return redact_url(super().format(record))  # no password of an endpoint URL in any log line
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -114,7 +119,9 @@ def _main(argv: list[str] | None) -> int:
     except SemeError as e:
         if args.debug:
             raise
-        msg = " ".join(str(e).split("\n"))
+        from seme.errors import redact_url
+
+        msg = redact_url(" ".join(str(e).split("\n")))
         if len(msg) > 1000:  # a message quoting a huge input stays one readable line
             msg = msg[:1000] + " …"
         print(f"seme: error: {msg}", file=sys.stderr)
