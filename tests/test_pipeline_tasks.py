@@ -112,3 +112,17 @@ def test_run_local_with_a_user_task_file_from_s3(tiny_zoo, s3_server, mlflow_ser
         src = json.loads(d.source)
         assert d.digest == src["sha256"][:36] and len(src["sha256"]) == 64
     assert json.loads(ds["tasks:user-checks"].source)["uri"] == uri
+
+
+def test_run_local_checks_a_local_task_file_before_anything_runs(tmp_path, capsys):
+    from seme.cli import main
+
+    (tmp_path / "merge.yaml").write_text("merge_method: linear\nmodels:\n  - model: s3://b/x\n  - model: s3://b/y\n")
+    (tmp_path / "tasks.yaml").write_text("tasks:\n  - {name: a, kind: multiple_choice, data: mc.jsonl}\n")
+    (tmp_path / "mc.jsonl").write_text('{"prompt": "x", "choices": ["a"], "answer": 0}\n')
+    rc = main(["pipeline", "run-local", str(tmp_path / "merge.yaml"), "--tasks", str(tmp_path / "tasks.yaml"),
+               "--workdir", str(tmp_path / "w")])
+    err = capsys.readouterr().err
+    assert rc != 0 and err.count("\n") == 1
+    assert "mc.jsonl:1: 'choices' must be a list of at least 2 strings" in err
+    assert not (tmp_path / "w").exists(), "nothing ran"
