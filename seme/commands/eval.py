@@ -24,6 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="compute dtype (bfloat16: faster on CPUs with bf16 units; compare at one dtype)")
     p.add_argument("--data-free", action="store_true", help="SeMe data-free diagnostics instead of a suite")
     p.add_argument("--sources", nargs="+", default=None, help="source models for --data-free")
+    p.add_argument("--json", action="store_true", help="print the metrics (or report) as one JSON object")
     p.set_defaults(func=run)
 
 
@@ -33,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
 
     from seme.errors import EvalError
 
-    progress = not getattr(args, "quiet", False)
+    progress = not getattr(args, "quiet", False) and not getattr(args, "json", False)
     if args.compare:
         return _compare(args)
     if not args.model_dir:
@@ -53,7 +54,9 @@ def run(args: argparse.Namespace) -> int:
                 raise
             raise EvalError("data-free diagnostics are not available: module seme.diagnostics is missing") from None
         report = diag.data_free_report(args.model_dir, args.sources, args.device)
-        if hasattr(diag, "format_report"):
+        if getattr(args, "json", False):
+            print(json.dumps(report))
+        elif hasattr(diag, "format_report"):
             print(diag.format_report(report))
         else:
             print(json.dumps(report, indent=2))
@@ -66,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace, progress: bool) -> int:
     """Task file (or suite) parsed and its data checked first, then the model fetched, then loaded."""
+    import json
+
     from seme.errors import EvalError
 
     if bool(args.suite) == bool(args.tasks):
@@ -88,6 +93,11 @@ def _evaluate(args: argparse.Namespace, progress: bool) -> int:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     metrics = evaluate(args.model_dir, task_file=tf, zoo_dir=args.zoo, device=args.device,
                        batch_size=args.batch_size, limit=args.limit, progress=progress, dtype=args.dtype)
+    if getattr(args, "json", False):  # the same object --out writes, on stdout
+        if args.out:
+            write_metrics(metrics, args.out)
+        print(json.dumps(metrics))
+        return 0
     print(format_table(metrics))
     if args.out:
         print(f"metrics: {write_metrics(metrics, args.out)}")
@@ -100,7 +110,12 @@ def _compare(args: argparse.Namespace) -> int:
 
     files = ([args.model_dir] if args.model_dir else []) + list(args.compare)
     res = compare([read_metrics(f) for f in files], names=files)
-    print(format_comparison(res))
+    if getattr(args, "json", False):
+        import json
+
+        print(json.dumps(res))
+    else:
+        print(format_comparison(res))
     if args.out:
         print(f"comparison: {write_metrics(res, args.out)}")
     return 0
