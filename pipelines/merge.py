@@ -217,6 +217,7 @@ def build_merge_pipeline(opts: ClusterOptions | None = None):
         base_uri: str = "",
         eval_suite: str = "zoo",
         eval_limit: int = 0,
+        eval_tasks: str = "",
         expert_tasks: dict = {},  # noqa: B006 - a KFP parameter default, never mutated
         gate_policy: str = "",
         registered_model_name: str = "seme-merged",
@@ -225,7 +226,8 @@ def build_merge_pipeline(opts: ClusterOptions | None = None):
         s3_endpoint: str = "",
     ):
         """``merge_config``/``gate_policy``: YAML text; the config names the same s3:// URIs as
-        ``source_uris``/``base_uri``. Empty endpoints: taken from the seme-config ConfigMap."""
+        ``source_uris``/``base_uri``. ``eval_tasks``: a task file (YAML text or s3:// URI) used
+        instead of ``eval_suite``. Empty endpoints: taken from the seme-config ConfigMap."""
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         volume = {"volume_dir": VOLUME_MOUNT} if opts.pvc_size else {}
         readers: list[PipelineTask] = []  # steps that read checkpoints: they mount the volume
@@ -303,6 +305,7 @@ def build_merge_pipeline(opts: ClusterOptions | None = None):
                     limit=eval_limit,
                     expert_tasks=expert_tasks,
                     device="auto",  # a GPU when the pod has one
+                    tasks=eval_tasks,
                 ),
                 "evaluate",
                 True,

@@ -43,15 +43,16 @@ def align(config: str | os.PathLike, out_dir: str | os.PathLike, *, device: str 
     return _align(config, out_dir, device=device, overwrite=overwrite, allow_pickle=allow_pickle)
 
 
-def evaluate(model_dir: str | os.PathLike, suite: str, *, tasks: list[str] | None = None,
-             zoo_dir: str | None = None, device: str = "cpu", batch_size: int = 32, limit: int | None = None,
-             progress: bool = False) -> dict[str, Any]:
-    """Evaluate the checkpoint ``model_dir`` on task suite ``suite`` (``tiny``, ``zoo`` …); returns the
-    metrics dict that ``seme eval --out`` writes and ``seme gate`` reads."""
+def evaluate(model_dir: str | os.PathLike, suite: str | None = None, *, tasks: list[str] | None = None,
+             zoo_dir: str | None = None, device: str = "cpu", batch_size: int = 64, limit: int | None = None,
+             progress: bool = False, task_file: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Evaluate the checkpoint ``model_dir`` on task suite ``suite`` (``tiny``, ``zoo`` …) or on a task
+    file (``task_file``: ``seme eval --tasks``); ``tasks`` keeps only those tasks. Returns the metrics
+    dict that ``seme eval --out`` writes and ``seme gate`` reads."""
     from seme.evaluation import evaluate as _evaluate
 
     return _evaluate(str(model_dir), suite, tasks=tasks, zoo_dir=zoo_dir, device=device, batch_size=batch_size,
-                     limit=limit, progress=progress)
+                     limit=limit, progress=progress, task_file=task_file)
 
 
 def validate(config: str | os.PathLike | dict | Any, *, allow_pickle: bool = False) -> dict[str, Any]:
