@@ -146,8 +146,9 @@ def test_published_version_loads_by_alias_with_mlflow_loaders(tmp_path, uri, nam
     data[-1] ^= 0x01
     s3.put_object(Bucket="seme-models", Key=key, Body=bytes(data))
     assert main(["verify", f"models:/{name}@{PILOT}"]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("seme: error: ") and "model.safetensors" in err and "sha256" in err
+    # (other test modules may leave a logging handler on a closed stream: look for our line)
+    (err,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("seme: error: ")]
+    assert "model.safetensors" in err and "sha256" in err
     with pytest.raises(StorageError, match="model.safetensors"):
         verify(name, alias=PILOT)
 
