@@ -53,10 +53,6 @@ def run(args: argparse.Namespace) -> int:
         raise EvalError("give --suite NAME (zoo, tiny) or --data-free --sources ...")
     from seme.evaluation import evaluate, format_table, write_metrics
 
-    if args.device == "auto":
-        import torch
-
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     metrics = evaluate(args.model_dir, args.suite, tasks=args.tasks, zoo_dir=args.zoo, device=args.device,
                        batch_size=args.batch_size, limit=args.limit, progress=progress)
     print(format_table(metrics))

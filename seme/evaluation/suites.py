@@ -135,6 +135,9 @@ def evaluate(
     for t in names:
         if t not in s.tasks:
             raise EvalError(f"unknown task {t!r} in suite {suite!r}; known: {', '.join(s.tasks)}")
+    from seme.merge import resolve_device
+
+    device = str(resolve_device(device))  # auto -> cuda|cpu; cuda without a GPU: a clear error, not torch's
     t0 = time.perf_counter()
     model, tok = runner.load_model(model_dir, device, progress)
     torch.manual_seed(0)
