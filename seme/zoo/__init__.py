@@ -86,6 +86,7 @@ TINY = ZooRecipe(
     base_dtype="float32",
     tiny_steps=400,
     instruction=False,
+    train_threads=1,  # fixed: the same weights (tiny_digests.json) on every machine of one kind
 )
 
 
