@@ -331,7 +331,8 @@ def _build_locked(zdir: Path, name: str, recipe: ZooRecipe, base: str | Path | N
         e.get("wall_s", 0) for e in manifest["experts"].values()), 1)
     # ---- each expert on its own task next to the base (cached by weights digest in <zoo>/evals)
     if recipe.quality:
-        quality = expert_quality(zdir, recipe.suite, base_sha, manifest["experts"], progress)
+        with deterministic(threads):  # reproducible values, and no thread oversubscription on shared CPUs
+            quality = expert_quality(zdir, recipe.suite, base_sha, manifest["experts"], progress)
         for task_name, q in quality.items():
             manifest["experts"][task_name]["quality"] = q
     manifest["created"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
