@@ -54,7 +54,7 @@ HASH_CACHE_ENV = "SEME_HASH_CACHE"  # directory of cached input digests; "off" d
 #: in row blocks of about CHUNK_BYTES per input, so temporaries (e.g. a float32 accumulator) stay
 #: small and every pass over a block runs in the CPU cache: 256 KiB blocks made linear 3.8x and task
 #: arithmetic 2.4x faster than whole 32 MiB tensors (bf16, one thread), with bit-identical results.
-ELEMENTWISE = frozenset({"linear", "task_arithmetic"})
+ELEMENTWISE = frozenset({"linear", "task_arithmetic", "nearswap"})
 CHUNK_BYTES = 256 << 10
 #: "off": never use the fused CPU kernels (seme.methods.fused); "torch": use them only on torch
 #: tensors (not the torch-free path); unset: wherever they apply
@@ -239,7 +239,7 @@ def run_merge(
     """Merge per ``cfg`` into the Hugging Face checkpoint directory ``out_dir``."""
     t0 = time.perf_counter()
     limit_heap_retention()
-    spec = methods.get(cfg.merge_method)
+    spec = methods.configured(cfg)  # the method, plus svc when asked
     compute_code = parse_dtype_code(cfg.dtype)
     out_code = parse_dtype_code(cfg.out_dtype)
     if spec.name != "seme" and alignment is not None:
@@ -323,6 +323,8 @@ def run_merge(
                 elif state is not None:  # two-pass method: statistics, then row blocks
                     merged = _merge_rows(spec.fn, b, ts, mp, gp, rng, od, name, inputs,
                                          block=partial(spec.fn_block, state))
+                elif spec.out_in and arch.role(name).transposed and ts[0].dim() == 2:
+                    merged = _call_out_in(spec.fn, b, ts, mp, gp, rng)
                 else:
                     merged = spec.fn(b, ts, mp, gp, rng)
                 del state
@@ -599,6 +601,13 @@ def _merge_rows(fn, b, ts, mp, gp, rng, od: torch.dtype, name: str, inputs: list
         for ck in inputs:
             ck.release(name, (r0, r1))
     return out
+
+
+def _call_out_in(fn, b, ts, mp, gp, rng) -> torch.Tensor:
+    """``fn`` on a GPT-2 Conv1D weight (stored (in, out)) shown as (out, in), the result stored back.
+    The base stays one object, so methods still recognise it among the models."""
+    bt = b.T if b is not None else None
+    return fn(bt, [bt if t is b else t.T for t in ts], mp, gp, rng).T.contiguous()
 
 
 def _tokenizer_source(cfg: MergeConfig, sources: list[Checkpoint], base: Checkpoint | None) -> Checkpoint:

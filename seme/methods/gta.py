@@ -164,15 +164,21 @@ def dare_keep(key: tuple[int, int], dens: float, lo: int, hi: int, device: torch
     thr = dare_threshold(dens)
     for a in range(lo, hi, _HASH_PIECE):  # int64 scratch of 512 KiB: below the heap's mmap threshold
         b = min(hi, a + _HASH_PIECE)
-        i = torch.arange(a, b, dtype=torch.int64, device=device)
-        tmp = torch.empty_like(i)
-        h = torch.bitwise_and(i, _M32).bitwise_xor_(key[0])
-        _fmix32_(h, tmp)
-        torch.bitwise_right_shift(i, 32, out=tmp)
-        h.bitwise_xor_(tmp).bitwise_xor_(key[1])
-        _fmix32_(h, tmp)
-        torch.lt(h, thr, out=out[a - lo : b - lo])
+        torch.lt(entry_hash(key, a, b, device), thr, out=out[a - lo : b - lo])
     return out
+
+
+def entry_hash(key: tuple[int, int], lo: int, hi: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The 32-bit hashes (as int64) of the flat entries [lo, hi) under ``key``: DARE's mask is
+    hash < density·2³²; DELLA compares them with a per-entry probability the same way."""
+    i = torch.arange(lo, hi, dtype=torch.int64, device=device)
+    tmp = torch.empty_like(i)
+    h = torch.bitwise_and(i, _M32).bitwise_xor_(key[0])
+    _fmix32_(h, tmp)
+    torch.bitwise_right_shift(i, 32, out=tmp)
+    h.bitwise_xor_(tmp).bitwise_xor_(key[1])
+    _fmix32_(h, tmp)
+    return h
 
 
 def dare_(delta: torch.Tensor, dens: float, rescale: str | None, key: tuple[int, int]) -> torch.Tensor:
