@@ -192,3 +192,4 @@ def test_zoo_cli_build_prints_summary(tiny_zoo: Path, capsys: pytest.CaptureFixt
     assert main(["-q", "zoo", "build", "--tiny", "--out", str(tiny_zoo.parent)]) == 0
     out = capsys.readouterr().out
     assert str(tiny_zoo) in out and "arithmetic" in out and "french_numbers" in out
+    assert out.count("own task ") == 2 and "x the base's" in out
