@@ -39,6 +39,7 @@ def _files(z: Path) -> dict[str, tuple[int, int]]:
 
 
 def test_tiny_zoo_manifest_and_cache_hit(tiny_zoo: Path) -> None:
+    from seme.evaluation.suites import get_suite
     from seme.zoo import QUALITY_BAR, TINY, build_zoo, code_fingerprint, load_zoo
 
     m = load_zoo(tiny_zoo)
@@ -58,7 +59,7 @@ def test_tiny_zoo_manifest_and_cache_hit(tiny_zoo: Path) -> None:
         # the expert's own-task value next to the base's, on the same held-out items (recorded, and
         # judged against the bar, not asserted: quality claims belong to the benchmark)
         q = e["quality"]
-        assert q["task"] == name and q["n"] == q["base_n"] == 100
+        assert q["task"] == name and q["n"] == q["base_n"] == len(get_suite("tiny").tasks[name].examples()[1])
         assert q["ci95"][0] <= q["value"] <= q["ci95"][1] and q["base_ci95"][0] <= q["base_value"] <= q["base_ci95"][1]
         assert q["ppl_ratio"] == pytest.approx(q["prose_ppl"] / q["base_prose_ppl"])
         assert q["meets_bar"] == (q["value"] >= QUALITY_BAR["expert_min"] and q["base_value"] <= QUALITY_BAR["base_max"]
