@@ -1,5 +1,8 @@
 """The merge executor: streams tensors from the inputs, through a method, into the output.
 
+Called as a function, this module is the API's ``seme.merge(config, out_dir, *, alignment=None,
+device="cpu", overwrite=False, allow_pickle=False, progress=False) -> MergeResult`` (``seme.api.merge``).
+
 It does all the I/O and knows nothing of methods: for each output tensor it maps that tensor from
 every input without a copy (a prefetch thread checks the next one for NaN/Inf, which also faults
 its pages in, while the current one is computed), calls the method's pure function, casts to the
@@ -28,8 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from seme.lazy import torch
+import yaml
 
 from seme import __version__, methods
 from seme.checkpoint import (
@@ -46,7 +48,9 @@ from seme.checkpoint import (
 )
 from seme.config import MergeConfig, ParamResolver
 from seme.errors import CheckpointError, ConfigError
-from seme.fsutil import atomic_dir, sha256_file
+from seme.fsutil import atomic_dir, check_out_dir, clean_stale_temps, sha256_file
+from seme.layout import same_source
+from seme.lazy import torch
 from seme.methods import gta
 
 HASH_CACHE_ENV = "SEME_HASH_CACHE"  # directory of cached input digests; "off" disables the cache
@@ -124,24 +128,58 @@ def _same_path(a: str, b: str) -> bool:
 
 
 def open_inputs(cfg: MergeConfig, allow_pickle: bool = False) -> tuple[list[Checkpoint], Checkpoint | None]:
-    """Open every source (and the base) and check that they are one architecture."""
-    cache: dict[str, Checkpoint] = {}
-
-    def get(p: str) -> Checkpoint:
-        for k, v in cache.items():
-            if _same_path(k, p):
-                return v
-        cache[p] = open_checkpoint(p, allow_pickle=allow_pickle)
-        return cache[p]
-
+    """Open every source (and the base) of a ``models:`` config and check that they are one
+    architecture."""
+    get = _opener(allow_pickle)
     base = get(cfg.base_model) if cfg.base_model else None
     sources = [get(m.model) for m in cfg.models]
     check_compatible(([base] if base else []) + sources)
     return sources, base
 
 
-def check_compatible(cks: list[Checkpoint]) -> None:
-    """Same model type, same hidden size, same tensor names and shapes, else a clear error."""
+def _opener(allow_pickle: bool):
+    """``get(reference) -> Checkpoint``, opening each distinct input once."""
+    cache: dict[str, Checkpoint] = {}
+
+    def get(p: str) -> Checkpoint:
+        for k, v in cache.items():
+            if k == p or _same_path(k, p):
+                return v
+        cache[p] = open_checkpoint(p, allow_pickle=allow_pickle)
+        return cache[p]
+
+    return get
+
+
+def open_layout(cfg: MergeConfig, spec: methods.MethodSpec, allow_pickle: bool = False):
+    """The executor's inputs (``seme.layout.Layout``): the plain checkpoints of a ``models:``
+    config, or the per-position views of a ``slices:`` one; vocabularies aligned when a tokenizer
+    source asks for it."""
+    from seme import layout as lay
+
+    if cfg.output_slices():
+        get = _opener(allow_pickle)
+        out = lay.plan_slices(cfg, spec, get)
+        check_compatible([ck for _, ck in out.refs], same_layers=False)
+    else:
+        sources, base = open_inputs(cfg, allow_pickle=allow_pickle)
+        anchor = base or sources[0]
+        resolver = ParamResolver(cfg, spec.global_params, spec.model_params, anchor.architecture)
+        refs = ([(cfg.base_model, base)] if base else []) + [(m.model, s) for m, s in zip(cfg.models, sources)]
+        out = lay.Layout(sources, base, refs, resolver, dict(anchor.config))
+        ts = cfg.token_source()
+        if ts not in (None, "base", "union") and not any(r == ts or _same_path(r, ts) for r, _ in refs):
+            out.refs.append((ts, _opener(allow_pickle)(ts)))
+    if cfg.token_source() is not None:
+        from seme.vocab import align_vocabularies
+
+        align_vocabularies(cfg, out)
+    return out
+
+
+def check_compatible(cks: list[Checkpoint], same_layers: bool = True) -> None:
+    """Same model type, same hidden size, same tensor names and shapes, else a clear error
+    (``same_layers=False``: only type and hidden size; slices check their layers themselves)."""
     ref = cks[0]
     ref_type = ref.config.get("model_type")
     ref_arch = ref.architecture
@@ -156,6 +194,8 @@ def check_compatible(cks: list[Checkpoint]) -> None:
                 f"{ck.path}: hidden size {ck.architecture.hidden_size} differs from {ref.path} "
                 f"({ref_arch.hidden_size})"
             )
+        if not same_layers:
+            continue
         names = set(ck.names)
         for n in ref.names:
             if n not in names:
@@ -165,6 +205,9 @@ def check_compatible(cks: list[Checkpoint]) -> None:
                     f"tensor {n}: shape {list(ck.shape(n))} in {ck.path} does not match "
                     f"{list(ref.shape(n))} in {ref.path}"
                 )
+            a, b = ck.st_dtype(n), ref.st_dtype(n)
+            if a != b and (a not in FLOAT_CODES or b not in FLOAT_CODES):
+                raise CheckpointError(f"tensor {n}: dtype {a} in {ck.path} does not match {b} in {ref.path}")
         extra = names.difference(ref.names)
         if extra:
             raise CheckpointError(f"{ck.path}: tensor {min(extra)} is not present in {ref.path}")
@@ -214,11 +257,12 @@ class _InputHasher:
     def _run(self) -> None:
         seen = set()
         for uri, ck in self.cks:
-            if str(ck.path) in seen:
+            where = str(getattr(ck, "hashed_path", ck.path))  # an adapter view: the adapter's dir
+            if where in seen:
                 continue
-            seen.add(str(ck.path))
+            seen.add(where)
             files = [{"path": f.name, "sha256": cached_sha256(f), "bytes": f.stat().st_size} for f in ck.files]
-            self.result.append({"uri": uri, "local_path": str(ck.path), "files": files})
+            self.result.append({"uri": uri, "local_path": where, "files": files})
 
     def join(self) -> list[dict[str, Any]]:
         self._t.join()
@@ -244,8 +288,11 @@ def run_merge(
     out_code = parse_dtype_code(cfg.out_dtype)
     if spec.name != "seme" and alignment is not None:
         raise ConfigError("--alignment is only used with merge_method: seme")
-    sources, base = open_inputs(cfg, allow_pickle=allow_pickle)
-    anchor = base or sources[0]
+    protect = [*cfg.referenced_models(), alignment, config_path]
+    out_path = check_out_dir(out_dir, overwrite, protect=protect)  # fail fast, before any work
+    clean_stale_temps(out_path.parent)
+    layout = open_layout(cfg, spec, allow_pickle=allow_pickle)
+    sources, base, anchor = layout.sources, layout.base, layout.anchor
     arch = anchor.architecture
     plan = []
     for n in anchor.names:
@@ -254,19 +301,22 @@ def run_merge(
     inputs = list({id(c): c for c in ([base] if base else []) + sources}.values())  # distinct checkpoints
     bit_path = _bits_path(spec.name, device, compute_code, plan, inputs, sources, base)
     dev = "cpu" if bit_path else resolve_device(device)
-    uris = ([(cfg.base_model, base)] if base else []) + [(m.model, s) for m, s in zip(cfg.models, sources)]
-    hasher = _InputHasher(uris)
+    hasher = _InputHasher(layout.refs)
 
     seme_merger = None
     compute_dtype = None
     if spec.name == "seme":
         from seme.seme_merge import SemeMerger  # heavy: only for SeMe
 
-        seme_merger = SemeMerger.prepare(
-            cfg, sources, base, Path(alignment) if alignment else None, str(dev)
-        )
+        try:
+            seme_merger = SemeMerger.prepare(
+                cfg, sources, base, Path(alignment) if alignment else None, str(dev)
+            )
+        except ConfigError as e:
+            raise (ConfigError(f"{e} (config {config_path})") if config_path and config_path not in str(e)
+                   else e) from None
 
-    resolver = ParamResolver(cfg, spec.global_params, spec.model_params)
+    resolver = layout.resolver
 
     fused = None
     if not bit_path:
@@ -286,8 +336,9 @@ def run_merge(
                 t = t.to(device=dev, dtype=compute_dtype)
             return t
 
-        b = one(base) if base is not None else None
-        return b, [b if (base is not None and s is base) else one(s) for s in sources]
+        # a source view without ``name``: a slice with fewer sources than others (slices: only)
+        b = one(base) if base is not None and name in base else None
+        return b, [b if (b is not None and same_source(s, base, name)) else one(s) for s in sources if name in s]
 
     nxt: Future | None = None  # the prefetch thread's load (or pass 1) of the next tensor
 
@@ -305,9 +356,10 @@ def run_merge(
             if not ts[0].is_floating_point():  # integer buffers: keep the anchor's
                 merged = (b if b is not None else ts[0])
             else:
-                t = arch.t_of(name)
+                t = resolver.t_of(name)
                 gp = resolver.global_params(name, t)
-                mp = [resolver.model_params(k, name, t) for k in range(len(sources))]
+                active = [k for k, s in enumerate(sources) if name in s]
+                mp = [resolver.model_params(k, name, t) for k in active]
                 rng = torch.Generator(device=dev).manual_seed(tensor_seed(cfg.seed, name))
                 big = _nbytes(ts[0]) > CHUNK_BYTES and ts[0].dim() > 1
                 use_fused = fused is not None and ts[0].dtype in (torch.bfloat16, torch.float32) and odc in FUSED_CODES
@@ -316,7 +368,7 @@ def run_merge(
                 if use_fused:
                     merged, bad = fused(b, ts, mp, gp, rng, od, out=outputs.take(ts[0].shape, od),
                                         release=partial(_release_entries, inputs, name))
-                    _raise_non_finite(name, bad, base, sources)
+                    _raise_non_finite(name, bad, base, [sources[k] for k in active])
                     kernel_checked = True
                 elif spec.name in ELEMENTWISE and big:
                     merged = _merge_rows(spec.fn, b, ts, mp, gp, rng, od, name, inputs)
@@ -345,7 +397,7 @@ def run_merge(
         arrays = {id(ck): ck.array(name) for ck in inputs}
         if anchor.st_dtype(name) not in FLOAT_CODES:  # integer buffers: keep the anchor's
             return arrays[id(anchor)]
-        t = arch.t_of(name)
+        t = resolver.t_of(name)
         gp = resolver.global_params(name, t)
         mp = [resolver.model_params(k, name, t) for k in range(len(sources))]
         xs = [arrays[id(s)] for s in sources]
@@ -354,7 +406,7 @@ def run_merge(
             return partial(kernels.linear_bits, xs, half, mp, gp)
         if base is None:
             raise ConfigError(f"{spec.name} needs a base_model")
-        idx = [k for k, s in enumerate(sources) if s is not base]
+        idx = [k for k, s in enumerate(sources) if not same_source(s, base, name)]
         return kernels.gta_prepare(arrays[id(base)], xs, idx, half, mp, gp, tensor_seed(cfg.seed, name),
                                    partial(_release_entries, inputs, name), method=spec.name,
                                    **kernels.BIT_METHODS[spec.name])
@@ -382,7 +434,8 @@ def run_merge(
     produce = bits_tensor if bit_path else torch_tensor
     written = 0
     outputs = _OutputPool(max((math.prod(s) * ITEMSIZE[d] for _, s, d in plan), default=0))
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    protect += [ck.path for _, ck in layout.refs]  # s3:// and Hub inputs: their local copies
+    with atomic_dir(out_dir, overwrite=overwrite, protect=protect) as tmp:
         writer = CheckpointWriter(tmp, plan, cfg.shard_bytes())
         try:
             bar = _progress(len(plan), progress)
@@ -395,7 +448,10 @@ def run_merge(
                     nxt = prefetch.submit(load, plan[0][0], plan[0][2])
                 pending: list[Future] = []
                 for i, (name, _shape, odc) in enumerate(plan):
-                    merged = produce(i, name, odc)
+                    try:
+                        merged = produce(i, name, odc)
+                    except ConfigError as e:  # a parameter that is bad for this tensor: say where
+                        raise ConfigError(f"{e} (tensor {name}, config {config_path or 'given'})") from None
                     for f in pending:  # at most one tensor being written: bounded memory
                         f.result()
                     # the write (a memcpy into the page cache) and the sha256 of the same bytes,
@@ -411,12 +467,11 @@ def run_merge(
         except BaseException:
             writer.abort()
             raise
-        tok_src = _tokenizer_source(cfg, sources, base)
-        out_config = dict(anchor.config)
+        out_config = dict(layout.config)
         if out_code is not None:
-            out_config["torch_dtype"] = cfg.out_dtype
-            out_config.pop("dtype", None)
-        side = copy_side_files(tok_src.path, tmp, config=out_config)
+            out_config["dtype"] = cfg.out_dtype  # transformers' current key (mergekit's torch_dtype)
+            out_config.pop("torch_dtype", None)
+        side = write_side_files(cfg, layout, tmp, out_config)
         extra = seme_merger.manifest_extra() if seme_merger else {}
         artifacts: list[str] = []
         if seme_merger is not None:
@@ -446,10 +501,13 @@ def run_merge(
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **({"seme": extra} if extra else {}),
         }
-        (tmp / "README.md").write_text(model_card(manifest))
+        given = None
+        if config_path and Path(config_path).is_file():
+            given = Path(config_path).read_text()
+        (tmp / "README.md").write_text(model_card(manifest, given))
         manifest["files"] = file_records(tmp, [*files, *side, *artifacts, "README.md"], known=writer.sha256s())
         (tmp / "seme_manifest.json").write_text(json.dumps(manifest, indent=2))
-    for ck in inputs:
+    for ck in layout.opened.values() or inputs:
         ck.close()
     return MergeResult(Path(out_dir), manifest, seconds, manifest["peak_rss_bytes"], len(plan), written, extra)
 
@@ -492,6 +550,8 @@ def _bits_path(method: str, device: str, compute_code: str | None, plan: list, i
     if compute_code not in FUSED_CODES or _kernels_off() or os.environ.get(KERNELS_ENV, "").lower() == "torch":
         return False
     if method != "linear" and base is not None and all(s is base for s in sources):
+        return False
+    if any(hasattr(ck, "computed") for ck in inputs):  # views (slices, vocabularies): the torch path
         return False  # nothing but the base to merge: the torch path handles that corner
     for name, _shape, odc in plan:
         if inputs[0].st_dtype(name) not in FLOAT_CODES:
@@ -603,23 +663,36 @@ def _merge_rows(fn, b, ts, mp, gp, rng, od: torch.dtype, name: str, inputs: list
     return out
 
 
+def write_side_files(cfg: MergeConfig, layout: Any, out: Path, out_config: dict[str, Any]) -> list[str]:
+    """config.json, generation config and tokenizer files of the output, and its chat template.
+
+    The tokenizer comes from the vocabulary alignment when one ran (``seme.vocab``), else it is
+    copied from the tokenizer source (``tokenizer_source: <model>``), the base model, or the first
+    model, as mergekit's donor."""
+    opened = dict(layout.refs)
+    donor_ref = cfg.referenced_models()[0]
+    ts = cfg.token_source()
+    if ts not in (None, "base", "union"):
+        donor_ref = ts
+    donor = opened.get(donor_ref) or next(ck for ref, ck in layout.refs if _same_path(ref, donor_ref))
+    vocab = getattr(layout, "vocab", None)
+    if vocab is not None:
+        out_config = vocab.update_config(out_config)
+    side = copy_side_files(donor.path, out, config=out_config)
+    if vocab is not None:
+        side = sorted({*side, *vocab.save_tokenizer(out)})
+    if cfg.chat_template:
+        from seme.vocab import set_chat_template
+
+        side = sorted({*side, *set_chat_template(cfg, out, layout.refs)})
+    return side
+
+
 def _call_out_in(fn, b, ts, mp, gp, rng) -> torch.Tensor:
     """``fn`` on a GPT-2 Conv1D weight (stored (in, out)) shown as (out, in), the result stored back.
     The base stays one object, so methods still recognise it among the models."""
     bt = b.T if b is not None else None
     return fn(bt, [bt if t is b else t.T for t in ts], mp, gp, rng).T.contiguous()
-
-
-def _tokenizer_source(cfg: MergeConfig, sources: list[Checkpoint], base: Checkpoint | None) -> Checkpoint:
-    ts = cfg.tokenizer_source
-    if ts in (None, "base"):
-        return base or sources[0]
-    for m, ck in zip(cfg.models, sources):
-        if _same_path(m.model, ts) or m.model == ts:
-            return ck
-    if cfg.base_model and (_same_path(cfg.base_model, ts) or cfg.base_model == ts) and base:
-        return base
-    raise ConfigError(f"tokenizer_source {ts!r} is neither 'base' nor one of the models")
 
 
 def _describe_params(cfg: MergeConfig, spec: methods.MethodSpec) -> dict[str, Any]:
@@ -633,28 +706,66 @@ def _describe_params(cfg: MergeConfig, spec: methods.MethodSpec) -> dict[str, An
     }
 
 
-def model_card(manifest: dict[str, Any]) -> str:
-    cfg = manifest["config"]
+def card_name(ref: str) -> str:
+    """How the model card names a model reference: Hub ids and ``s3://`` URIs as given, a local
+    directory by its name (never an absolute local path), ``base+adapter`` part by part."""
+    if "+" in ref and not Path(ref).expanduser().exists():
+        return "+".join(card_name(p) for p in ref.split("+"))
+    if ref.startswith("s3://"):
+        return ref
+    from seme.refs import is_hub_id
+
+    if is_hub_id(ref):
+        return ref
+    return Path(ref.rstrip("/")).name or ref
+
+
+def model_card(manifest: dict[str, Any], config_text: str | None = None) -> str:
+    """README.md with the Hugging Face Hub's front matter for merges (``base_model``: every input
+    by its reference, ``library_name``, ``tags``) and a body with the method, the models and the
+    config as given."""
+    from seme.config import MergeConfig
+
+    cfg = MergeConfig.model_validate(manifest["config"])
+    method = manifest["method"]
+    refs = list(dict.fromkeys(card_name(r) for r in cfg.referenced_models()))
+    # the Hub's base_model metadata takes repo ids: adapters listed apart, revisions dropped
+    hub_refs = list(dict.fromkeys(p.split("@")[0] if "/" in p and not p.startswith("s3://") else p
+                                  for r in refs for p in r.split("+")))
+    if config_text is None:
+        config_text = yaml.safe_dump(cfg.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
+    base = card_name(cfg.base_model) if cfg.base_model else None
+    front = {"base_model": hub_refs, "library_name": "transformers", "tags": ["merge", "seme", method]}
     lines = [
         "---",
-        "library_name: transformers",
-        "tags: [merge, seme]",
+        yaml.safe_dump(front, sort_keys=False).rstrip(),
         "---",
-        f"# Merged model ({manifest['method']})",
+        f"# Merged model ({method})",
+        "",
+        f"This model is a merge of pre-trained language models made with seme {manifest['seme_version']}.",
+        "",
+        "## Merge details",
+        "",
+        "### Method",
+        "",
+        f"Merged with the `{method}` method" + (f", with `{base}` as the base." if base else "."),
+        "",
+        "### Models merged",
+        "",
+        *[f"- {r}" for r in refs if r != base],
+        "",
+        "### Configuration",
+        "",
+        "```yaml",
+        config_text.rstrip(),
+        "```",
         "",
         (
-            f"Produced by seme {manifest['seme_version']} on {manifest['created']} "
-            f"({manifest['device']}, {manifest['wall_seconds']} s)."
+            f"Produced on {manifest['created']} ({manifest['device']}, {manifest['wall_seconds']} s); compute "
+            f"dtype {manifest['dtype']}, output dtype {manifest['out_dtype']}, seed {manifest['seed']}, config "
+            f"sha256 `{manifest['config_sha256']}`. Inputs, resolved parameters and output checksums are in "
+            "`seme_manifest.json`."
         ),
-        "",
-        f"- method: `{manifest['method']}`",
-        f"- base model: `{cfg.get('base_model')}`",
-        "- sources:",
-        *[f"  - `{m['model']}` {m.get('parameters') or ''}" for m in cfg["models"]],
-        f"- compute dtype: {manifest['dtype']}, output dtype: {manifest['out_dtype']}, seed: {manifest['seed']}",
-        f"- config sha256: `{manifest['config_sha256']}`",
-        "",
-        "Inputs, resolved parameters and output checksums are in `seme_manifest.json`.",
         "",
     ]
     return "\n".join(lines)
@@ -678,3 +789,16 @@ def _progress(total: int, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, unit="tensor", desc="merge", leave=False)
+
+
+class _CallableModule(type(sys)):
+    """``seme.merge`` names both this module and the API function ``seme.merge(config, out_dir, …)``;
+    importing this module rebinds the package attribute to it, so the module itself is callable."""
+
+    def __call__(self, config: Any, out_dir: str | os.PathLike, **kwargs: Any) -> MergeResult:
+        from seme.api import merge as api_merge
+
+        return api_merge(config, out_dir, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -14,8 +14,10 @@
 Every server call is retried with exponential backoff (``SEME_REGISTRY_RETRIES``, default 4;
 ``SEME_REGISTRY_BACKOFF`` seconds, default 1) and then fails with a RegistryError naming the server.
 MLflow's own HTTP retries are lowered (``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` 1, timeout 30 s) unless
-set, so "server down" surfaces in seconds rather than minutes. An alias move that fails half-way is
-undone before the error is raised; a version creation retried after a lost reply is found again by
+set, so "server down" surfaces in seconds rather than minutes, as one error line (retries are logged
+at INFO, urllib3's retry warnings are silenced unless ``--debug``). An alias move that fails half-way
+is undone before the error is raised, the undo retried twice as long (the registry is left as it was
+unless the server stays down throughout; the error then names each alias left moved); a version creation retried after a lost reply is found again by
 its ``seme.registration_id`` tag instead of being created twice.
 """
 
@@ -77,6 +79,8 @@ def client(uri: str | None = None) -> Any:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # stdout carries our results
+    if not log.isEnabledFor(logging.DEBUG):  # "Retrying (Retry(total=0...))" per attempt: one error line is enough
+        logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
     from mlflow import MlflowClient
 
     u = resolve_tracking_uri(uri)
@@ -101,17 +105,27 @@ def _transient(e: BaseException) -> bool:
 
 def _short(e: BaseException) -> str:
     msg = getattr(e, "message", None) or str(e)
-    m = re.search(r"\[Errno \d+\] [^\"')]+|Connection refused|Max retries exceeded|timed out", msg)
+    m = re.search(r"\[Errno \d+\] [^\"')]+", msg) or re.search(
+        r"Connection refused|Connection aborted|Max retries exceeded|timed out", msg
+    )
     text = m.group(0) if m else " ".join(msg.split())[:300]
     return _redact(text)
 
 
-def _call(what: str, uri: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run one MLflow call with retries on transient failures; raise RegistryError otherwise."""
+def _call(
+    what: str, uri: str, fn: Callable[..., T], *args: Any, _patient: bool = False, **kwargs: Any
+) -> T:
+    """Run one MLflow call with retries on transient failures; raise RegistryError otherwise.
+
+    ``_patient``: twice the retries (at least 4), each wait capped at 10 backoffs — for undoing a
+    half-made alias move, where waiting for the server beats leaving the registry changed.
+    """
     from mlflow.exceptions import MlflowException
 
     retries = int(os.environ.get("SEME_REGISTRY_RETRIES", "4"))
     backoff = float(os.environ.get("SEME_REGISTRY_BACKOFF", "1.0"))
+    if _patient:
+        retries = max(2 * retries, 4)
     for attempt in range(retries + 1):
         try:
             return fn(*args, **kwargs)
@@ -127,8 +141,9 @@ def _call(what: str, uri: str, fn: Callable[..., T], *args: Any, **kwargs: Any) 
                     f"{what}: MLflow tracking server {_redact(uri)} unreachable or failing after "
                     f"{retries + 1} attempts ({_short(e)})"
                 ) from None
-            wait = backoff * 2**attempt
-            log.warning("%s: %s; retry %d/%d in %.1f s", what, _short(e), attempt + 1, retries, wait)
+            wait = min(backoff * 2**attempt, 10 * backoff) if _patient else backoff * 2**attempt
+            # INFO: shown with --debug; without it, a down server is one error line at the end
+            log.info("%s: %s; retry %d/%d in %.1f s", what, _short(e), attempt + 1, retries, wait)
             time.sleep(wait)
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -319,6 +334,13 @@ def log_merge_run(
                 _call("log metrics/gate artifacts", uri, c.log_artifacts, run_id, str(tmp), "eval")
         for f in gate_files:
             _call(f"log {f.name}", uri, c.log_artifact, run_id, str(f), "eval")
+        if metrics_doc is not None:
+            _log_eval_details(c, uri, run_id, metrics_doc)
+        if isinstance(metrics, str | os.PathLike):  # the evaluation report's task file and comparison
+            for name, where in (("tasks.yaml", "eval/task_file"), ("comparison.json", "eval")):
+                f = Path(metrics).parent / name
+                if f.is_file():
+                    _call(f"log {name}", uri, c.log_artifact, run_id, str(f), where)
         md = Path(model_dir)
         for name in ("seme_manifest.json", "README.md", "config.json"):
             if (md / name).is_file():
@@ -336,6 +358,30 @@ def log_merge_run(
     _call("end run", uri, c.set_terminated, run_id, status="FINISHED")
     log.info("logged merge run %s", run_id)
     return run_id
+
+
+def _log_eval_details(c: Any, uri: str, run_id: str, metrics_doc: dict[str, Any]) -> None:
+    """Per-item table (``mlflow.log_table``), the merged-vs-parents chart, and the task file and its
+    data files as the run's dataset inputs (source + sha256 digest)."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    from seme.evaluation.report import datasets_of, item_table, models_of, plot_models
+
+    models = models_of(metrics_doc) if isinstance(metrics_doc.get("merged"), dict) else {"merged": metrics_doc}
+    table = item_table(models)
+    if table["model"]:
+        _call("log per-item table", uri, c.log_table, run_id, table, "eval/items.json")
+    with tempfile.TemporaryDirectory(prefix="seme-eval-") as td:
+        png = plot_models(models, Path(td) / "merged_vs_parents.png")
+        if png is not None:
+            _call("log eval chart", uri, c.log_artifact, run_id, str(png), "eval")
+    inputs = []
+    for d in datasets_of(models["merged"]):
+        ds = Dataset(name=d["name"][:500], digest=d["sha256"][:36], source_type="seme",
+                     source=json.dumps({"uri": d["source"], "sha256": d["sha256"]}))
+        inputs.append(DatasetInput(ds, tags=[InputTag("mlflow.data.context", "eval")]))
+    if inputs:
+        _call("log eval inputs", uri, c.log_inputs, run_id, inputs)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -496,9 +542,11 @@ def _move_aliases(
             for a in reversed(done):
                 try:
                     if before.get(a) is None:
-                        _call(f"undo alias {a}", uri, c.delete_registered_model_alias, name, a)
+                        _call(f"undo alias {a}", uri, c.delete_registered_model_alias, name, a, _patient=True)
                     else:
-                        _call(f"undo alias {a}", uri, c.set_registered_model_alias, name, a, before[a])
+                        _call(
+                            f"undo alias {a}", uri, c.set_registered_model_alias, name, a, before[a], _patient=True
+                        )
                     undone.append(a)
                 except RegistryError:
                     stuck.append(f"{a}={dict(moves)[a]} (was {before.get(a)})")

@@ -99,7 +99,8 @@ def test_bf16_out_dtype(tmp_path, tiny_model, capsys):
     assert _run(capsys, "merge", _cfg(tmp_path, "linear", [a], out_dtype="bfloat16"), out)[0] == 0
     sd = load_file(out / "model.safetensors")
     assert all(v.dtype == torch.bfloat16 for v in sd.values())
-    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    conf = json.loads((out / "config.json").read_text())
+    assert conf["dtype"] == "bfloat16" and "torch_dtype" not in conf  # transformers' current key
 
 
 # --- bad input: each a one-line error and no complete-looking output ---------------------------
@@ -192,8 +193,8 @@ def test_unknown_method_and_parameter_and_key(tmp_path, tiny_model, capsys):
     _assert_one_line_error(rc, err, "frankenmerge", "valid", "linear", "ties")
     rc, _, err = _run(capsys, "merge", _cfg(tmp_path, "linear", [a], parameters={"densty": 0.5}), out)
     _assert_one_line_error(rc, err, "densty", "valid")
-    rc, _, err = _run(capsys, "merge", _cfg(tmp_path, "linear", [a], slices=[]), out)
-    _assert_one_line_error(rc, err, "slices", "valid keys")
+    rc, _, err = _run(capsys, "merge", _cfg(tmp_path, "linear", [a], layer_plan=[]), out)
+    _assert_one_line_error(rc, err, "layer_plan", "valid keys")
     _no_complete_output(out)
 
 
@@ -221,21 +222,51 @@ def test_existing_output_needs_overwrite(tmp_path, tiny_model, capsys):
     rc, _, err = _run(capsys, "merge", cfg, out)
     _assert_one_line_error(rc, err, "already exists", "--overwrite")
     assert (out / "keep.txt").read_text() == "mine"
-    assert _run(capsys, "merge", cfg, out, "--overwrite")[0] == 0
-    assert (out / "model.safetensors").exists() and not (out / "keep.txt").exists()
+    # --overwrite replaces only a finished seme output, never a user's directory
+    rc, _, err = _run(capsys, "merge", cfg, out, "--overwrite")
+    _assert_one_line_error(rc, err, str(out), "not a finished seme output")
+    assert (out / "keep.txt").read_text() == "mine"
+    out2 = tmp_path / "out2"
+    assert _run(capsys, "merge", cfg, out2)[0] == 0
+    (out2 / "extra.txt").write_text("from the first run")
+    assert _run(capsys, "merge", cfg, out2, "--overwrite")[0] == 0
+    assert (out2 / "model.safetensors").exists() and not (out2 / "extra.txt").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
-def test_unwritable_output_dir_nonroot(tmp_path, tiny_model, capsys):
-    a = tiny_model("a")
+@pytest.fixture
+def unwritable_dir(tmp_path):
+    """A directory this process cannot write into, even as root: permission bits for a normal user;
+    as root (CI), a read-only tmpfs mount, else an immutable directory (chattr +i); skipped only when
+    neither is permitted."""
     ro = tmp_path / "ro"
     ro.mkdir()
-    ro.chmod(0o500)
-    rc, _, err = _run(capsys, "merge", _cfg(tmp_path, "linear", [a]), ro / "out")
-    _assert_one_line_error(rc, err, "not writable")
+    if os.geteuid() != 0:
+        ro.chmod(0o500)
+        yield ro
+        ro.chmod(0o700)
+        return
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(ro)], capture_output=True,
+                      check=False).returncode == 0:
+        yield ro
+        subprocess.run(["umount", "-l", str(ro)], check=False)
+        return
+    if subprocess.run(["chattr", "+i", str(ro)], capture_output=True, check=False).returncode == 0:
+        yield ro
+        subprocess.run(["chattr", "-i", str(ro)], check=False)
+        return
+    pytest.skip("as root, neither a read-only tmpfs mount nor chattr +i is permitted here")
 
 
-def test_unwritable_output_dir(tmp_path, tiny_model, capsys):
+def test_unwritable_output_dir(tmp_path, tiny_model, capsys, unwritable_dir):
+    a = tiny_model("a")
+    assert not os.access(unwritable_dir, os.W_OK)
+    rc, _, err = _run(capsys, "merge", _cfg(tmp_path, "linear", [a]), unwritable_dir / "out")
+    _assert_one_line_error(rc, err, "not writable", str(unwritable_dir))
+    assert list(unwritable_dir.iterdir()) == []
+
+
+def test_output_parent_is_a_file(tmp_path, tiny_model, capsys):
     # Root ignores permission bits, so use a path whose parent is a regular file: not writable as a dir.
     a = tiny_model("a")
     blocker = tmp_path / "file"

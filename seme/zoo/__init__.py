@@ -294,7 +294,7 @@ def _build_locked(zdir: Path, name: str, recipe: ZooRecipe, base: str | Path | N
     (zdir / "experts").mkdir(exist_ok=True)
     for task_name, lr in recipe.experts.items():
         task = suite.tasks[task_name]
-        if task.kind == "exact":
+        if task.kind == "exact_match":
             train, held = task.examples()
             data_sha = data.data_hash([[e.prompt, e.answer] for e in train])
             held_sha = data.data_hash([[e.prompt, e.answer] for e in held])
@@ -318,7 +318,7 @@ def _build_locked(zdir: Path, name: str, recipe: ZooRecipe, base: str | Path | N
                    "base_sha256": base_sha, "train_data_sha256": data_sha, "heldout_data_sha256": held_sha,
                    "train_items": len(train) if train is not None else len(texts or {}),
                    "threads": threads, **stats, "wall_s": round(time.perf_counter() - t0, 1)}
-            with atomic_dir(edir, overwrite=True) as tmp:
+            with atomic_dir(edir, overwrite=True, markers=None) as tmp:  # seme's own cache dir
                 zbase.save_hf(model, tok, tmp, recipe.base_dtype)
                 _write_json(tmp / "expert.json", rec)
             del model
