@@ -260,7 +260,7 @@ def run_merge(
     seme_merger = None
     compute_dtype = None
     if spec.name == "seme":
-        from seme.seme_merge import SemeMerger  # heavy: only for SeMe
+        from seme.semantic.merger import SemeMerger  # heavy: only for SeMe
 
         seme_merger = SemeMerger.prepare(
             cfg, sources, base, Path(alignment) if alignment else None, str(dev)

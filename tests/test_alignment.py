@@ -12,10 +12,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from seme_helpers import logits, seme_config, transformed_copy
 
-from seme.alignment import Layout, ModelView, align, compute_alignment, load_alignment
 from seme.checkpoint import Checkpoint
 from seme.config import load_config
 from seme.errors import AlignmentError
+from seme.semantic.alignment import align, compute_alignment
+from seme.semantic.artifact import load_alignment
+from seme.semantic.transform import Layout, ModelView
 
 
 @pytest.mark.parametrize("family,rotate", [("llama", True), ("qwen2", True), ("gemma2", False)])

@@ -122,10 +122,10 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from seme.alignment import align
     from seme.config import load_config
     from seme.merge import run_merge
-    from seme.seme_merge import _ties_kernel
+    from seme.semantic.alignment import align
+    from seme.semantic.erase import _ties_kernel
 
     out = Path(args.out).absolute()
     work = out / f"models-{args.shape}"
