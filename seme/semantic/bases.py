@@ -15,7 +15,7 @@ Part of the method: *semantic bases* (seme-method.md §2), the frame every other
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -105,13 +105,15 @@ def effective_readout(head: torch.Tensor, final_gain: torch.Tensor | None, norm_
 
 
 def compute_basis(W: torch.Tensor, where: str, ridge: float = 1e-6, device: str = "cpu",
-                  probe: int = 256, gain: torch.Tensor | None = None) -> SemanticBasis:
+                  probe: int = 256, gain: torch.Tensor | None = None,
+                  release: Callable[[int, int], None] | None = None) -> SemanticBasis:
     """Semantic bases of an effective readout W (V×d): a float64 d×d solve.
 
     With ``gain`` (d, float64), W is ``W · diag(gain)`` formed chunk by chunk in float64 (the same
     values as :func:`effective_readout`, without its V×d float64 copy). Raises AlignmentError when W
     has NaN/Inf, is rank-deficient (a singular LM head has no semantic bases: some residual direction
-    is invisible to every token) or V < d.
+    is invisible to every token) or V < d. ``release(lo, hi)`` is called after each pass over rows
+    ``[lo, hi)`` of W (e.g. to give a memory-mapped head's pages back).
     """
     V, d = W.shape
     if V < d:
@@ -130,6 +132,8 @@ def compute_basis(W: torch.Tensor, where: str, ridge: float = 1e-6, device: str 
             raise AlignmentError(f"{where}: LM head contains NaN or Inf values; semantic bases undefined")
         G.addmm_(c.T, c)
         W32[lo : lo + CHUNK] = c
+        if release is not None:
+            release(lo, lo + CHUNK)
     with lapack_one_thread():
         evals = torch.linalg.eigvalsh(G)
     top = float(evals[-1])
@@ -153,6 +157,8 @@ def compute_basis(W: torch.Tensor, where: str, ridge: float = 1e-6, device: str 
         inv_norm[lo : lo + CHUNK] = 1.0 / n
         s.div_(n[:, None])
         F.addmm_(s.T, s)
+        if release is not None:
+            release(lo, lo + CHUNK)
     # Check (§2): argmax_j s_i·w_j = i for nearly all i, on an evenly spaced probe of tokens.
     idx = torch.arange(0, V, max(1, V // probe), device=device)[:probe]
     hits = 0
@@ -261,6 +267,7 @@ def model_basis(ckpt: Checkpoint, layout: Layout, vocab_map: torch.Tensor | None
         out = torch.zeros(vocab_map.numel(), head.shape[1], dtype=head.dtype)
         out[vocab_map >= 0] = head[vocab_map[vocab_map >= 0]]
         head = out
+    release = None if vocab_map is not None else (lambda lo, hi: ckpt.release(head_name, (lo, hi)))
     gain = None
     if layout.final_norm:
         g = ckpt.get(layout.final_norm).double() + layout.arch.norm_offset
@@ -270,6 +277,6 @@ def model_basis(ckpt: Checkpoint, layout: Layout, vocab_map: torch.Tensor | None
             raise AlignmentError(f"{where}: final norm gain contains NaN or Inf values")
         gain = g
     try:
-        return compute_basis(head, where, ridge=ridge, device=device, gain=gain)
+        return compute_basis(head, where, ridge=ridge, device=device, gain=gain, release=release)
     finally:
         ckpt.release(head_name)

@@ -189,6 +189,8 @@ class SemeMerger:
             sel, sq = select_rows(D, FD, t0, self.F32, self.settings, masks)
             coef = compute_rows(D, FD, sq, sel, w, self.F32, self.settings)
             out[rows[0] : rows[1]] = t0 + mod["alpha"] * (coef[:, :, None] * D).sum(0)
+            for v in [*self.src_views, *([self.base_view] if self.base_view is not None else [])]:
+                v.release(name, rows)
         return out
 
     # -- outputs ---------------------------------------------------------------------------------

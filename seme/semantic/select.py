@@ -91,6 +91,9 @@ def module_statistics(views: list[ModelView], base_view: ModelView | None, names
             st["gram"] += g
             st["base_sq"] += base_sq
             del tv, t0, deltas
+            if rows is not None:
+                for v in [*views, *([base_view] if base_view is not None else [])]:
+                    v.release(name, rows)
         else:
             st["tensors"] += 1
     return stats

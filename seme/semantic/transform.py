@@ -154,10 +154,15 @@ class ModelView:
             return (vm >= 0).to(self.device)
         return None
 
-    def release(self, names: list[str] | str) -> None:
-        """Give the pages of these tensors back to the OS (they stay in the page cache)."""
+    def release(self, names: list[str] | str, rows: tuple[int, int] | None = None) -> None:
+        """Give the pages of these tensors (of their rows ``[lo, hi)`` in the anchor's token order)
+        back to the OS; they stay in the page cache. Under a vocabulary map a block of anchor rows
+        is scattered over the model's rows: those pages go when the whole tensor is released."""
         for n in [names] if isinstance(names, str) else names:
-            self.ckpt.release(n)
+            if rows is None:
+                self.ckpt.release(n)
+            elif self.al.vocab_map is None or self.arch.role(n).kind not in ("embed", "lm_head"):
+                self.ckpt.release(n, rows)
 
     def keep_aligned(self, on: bool) -> None:
         """Cache each tensor after vocabulary map, folding and rotation (before unit permutations) until
