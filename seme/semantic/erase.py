@@ -25,6 +25,79 @@ import torch
 
 log = logging.getLogger(__name__)
 
+def erase_ties(X: torch.Tensor, S_T: torch.Tensor, P: torch.Tensor, density: float,
+               block: int = 512) -> torch.Tensor:
+    """TIES in semantic coordinates (§5) for residual-side vectors.
+
+    X: (K, d, n) λ-weighted task vectors of the selected sources (columns are vectors).
+    S_T: (|T|, d) unit semantic bases of the token subset; P = Ŝ_T⁺ (d, |T|).
+    Returns Δ* (d, n). Trim keeps the top ``density`` fraction of |c| per vector; a sign is elected
+    per token from the trimmed sum; entries of the other sign are erased; the kept entries are
+    averaged (disjoint mean) and mapped back with P. See :func:`erase_ties_rows`.
+    """
+    return erase_ties_rows(X.transpose(1, 2), S_T, P, density, block).T
+
+
+def erase_ties_rows(X: torch.Tensor, S_T: torch.Tensor, P: torch.Tensor, density: float,
+                    block: int = 512) -> torch.Tensor:
+    """TIES in semantic coordinates (§5), vectors as rows: X (K, n, d) -> Δ* (n, d).
+
+    Per block of b vectors the K sources are projected with one GEMM into a (K, b, |T|) buffer (|T|
+    contiguous, so the per-vector selection runs along memory). Trim zeroes entries below each
+    vector's top-``density`` threshold; with s the elected sign (sign of the trimmed sum), c·s > 0
+    marks the agreeing entries and Σ max(c·s, 0)·s is their sum (sign flips are exact, so this equals
+    the plain masked sum); the disjoint mean is mapped back with P = Ŝ_T⁺. Every intermediate lives in
+    buffers allocated once per call (fresh multi-MB allocations cost page faults on every block).
+    On the CPU, everything after the GEMM runs as one fused numba kernel per vector (selection,
+    trim, elect, erase, mean in cache), unless ``SEME_KERNELS=off``; the torch ops below are the
+    reference and the GPU path.
+    """
+    K, n, d = X.shape
+    T = S_T.shape[0]
+    keep = max(1, math.ceil(density * T))
+    trim = keep < T
+    out = torch.empty(n, d, dtype=X.dtype, device=X.device)
+    St = S_T.T  # (d, |T|) view: mm reads it transposed, no copy
+    Pt = P.T  # (|T|, d)
+    count_dtype = torch.uint8 if K < 256 else torch.int32
+    bmax = min(block, max(n, 1))
+    opts = {"dtype": X.dtype, "device": X.device}
+    buf, kbuf = torch.empty(K * bmax * T, **opts), torch.empty(bmax * T, **opts)
+    kernel = _ties_kernel() if X.device.type == "cpu" and X.dtype == torch.float32 else None
+    if kernel is None:  # the torch path's buffers
+        mbuf = torch.empty(K * bmax * T, dtype=torch.bool, device=X.device)
+        sbuf = torch.empty(bmax * T, **opts)
+        cbuf = torch.empty(bmax * T, dtype=count_dtype, device=X.device)
+        if trim:
+            abuf = torch.empty(K * bmax * T, **opts)
+            pbuf = torch.empty(K * bmax * T, dtype=X.dtype) if X.device.type == "cpu" else None
+    for lo in range(0, n, block):
+        hi = min(lo + block, n)
+        b = hi - lo
+        kb = K * b * T
+        c = torch.mm(X[:, lo:hi].reshape(K * b, d), St, out=buf[:kb].view(K * b, T))
+        if kernel is not None:  # one fused pass per vector (CPU)
+            mean = kbuf[: b * T].view(b, T)
+            _ties_fused(kernel, c, K, b, keep, mean)
+            torch.mm(mean, Pt, out=out[lo:hi])
+            continue
+        if trim:
+            a = torch.abs(c, out=abuf[:kb].view(K * b, T))
+            thr = _row_thresholds(a, keep, pbuf).to(a.device)
+            c.masked_fill_(torch.lt(a, thr, out=mbuf[:kb].view(K * b, T)), 0)
+            del a
+        c3 = c.view(K, b, T)
+        s = torch.sum(c3, dim=0, out=sbuf[: b * T].view(b, T)).sign_()  # elected sign per token
+        c3.mul_(s)
+        agree = torch.gt(c3, 0, out=mbuf[:kb].view(K, b, T))
+        count = torch.sum(agree, dim=0, dtype=count_dtype, out=cbuf[: b * T].view(b, T))  # uint8: ~8x faster
+        kept = torch.sum(c3.clamp_min_(0), dim=0, out=kbuf[: b * T].view(b, T)).mul_(s)
+        torch.mm(kept.div_(count.clamp_min_(1)), Pt, out=out[lo:hi])
+    return out
+
+
+# -- the step between the GEMMs: fused kernel (CPU) or exact per-row selection (torch path) -----------
+
 _SELECT_POOL: ThreadPoolExecutor | None = None
 _SELECT_MIN_ROWS = 64  # rows per selection thread below which threading does not pay
 
@@ -108,76 +181,3 @@ def _ties_fused(kernel: Any, c: torch.Tensor, K: int, b: int, keep: int, out: to
     bounds = [b * i // nt for i in range(nt + 1)]
     for f in [_select_pool().submit(kernel, cn, K, b, keep, lo, hi, on) for lo, hi in pairwise(bounds)]:
         f.result()
-
-
-def erase_ties_rows(X: torch.Tensor, S_T: torch.Tensor, P: torch.Tensor, density: float,
-                    block: int = 512) -> torch.Tensor:
-    """TIES in semantic coordinates (§5), vectors as rows: X (K, n, d) -> Δ* (n, d).
-
-    Per block of b vectors the K sources are projected with one GEMM into a (K, b, |T|) buffer (|T|
-    contiguous, so the per-vector selection runs along memory). Trim zeroes entries below each
-    vector's top-``density`` threshold; with s the elected sign (sign of the trimmed sum), c·s > 0
-    marks the agreeing entries and Σ max(c·s, 0)·s is their sum (sign flips are exact, so this equals
-    the plain masked sum); the disjoint mean is mapped back with P = Ŝ_T⁺. Every intermediate lives in
-    buffers allocated once per call (fresh multi-MB allocations cost page faults on every block).
-    On the CPU, everything after the GEMM runs as one fused numba kernel per vector (selection,
-    trim, elect, erase, mean in cache), unless ``SEME_KERNELS=off``; the torch ops below are the
-    reference and the GPU path.
-    """
-    K, n, d = X.shape
-    T = S_T.shape[0]
-    keep = max(1, math.ceil(density * T))
-    trim = keep < T
-    out = torch.empty(n, d, dtype=X.dtype, device=X.device)
-    St = S_T.T  # (d, |T|) view: mm reads it transposed, no copy
-    Pt = P.T  # (|T|, d)
-    count_dtype = torch.uint8 if K < 256 else torch.int32
-    bmax = min(block, max(n, 1))
-    opts = {"dtype": X.dtype, "device": X.device}
-    buf, kbuf = torch.empty(K * bmax * T, **opts), torch.empty(bmax * T, **opts)
-    kernel = _ties_kernel() if X.device.type == "cpu" and X.dtype == torch.float32 else None
-    if kernel is None:  # the torch path's buffers
-        mbuf = torch.empty(K * bmax * T, dtype=torch.bool, device=X.device)
-        sbuf = torch.empty(bmax * T, **opts)
-        cbuf = torch.empty(bmax * T, dtype=count_dtype, device=X.device)
-        if trim:
-            abuf = torch.empty(K * bmax * T, **opts)
-            pbuf = torch.empty(K * bmax * T, dtype=X.dtype) if X.device.type == "cpu" else None
-    for lo in range(0, n, block):
-        hi = min(lo + block, n)
-        b = hi - lo
-        kb = K * b * T
-        c = torch.mm(X[:, lo:hi].reshape(K * b, d), St, out=buf[:kb].view(K * b, T))
-        if kernel is not None:  # one fused pass per vector (CPU)
-            mean = kbuf[: b * T].view(b, T)
-            _ties_fused(kernel, c, K, b, keep, mean)
-            torch.mm(mean, Pt, out=out[lo:hi])
-            continue
-        if trim:
-            a = torch.abs(c, out=abuf[:kb].view(K * b, T))
-            thr = _row_thresholds(a, keep, pbuf).to(a.device)
-            c.masked_fill_(torch.lt(a, thr, out=mbuf[:kb].view(K * b, T)), 0)
-            del a
-        c3 = c.view(K, b, T)
-        s = torch.sum(c3, dim=0, out=sbuf[: b * T].view(b, T)).sign_()  # elected sign per token
-        c3.mul_(s)
-        agree = torch.gt(c3, 0, out=mbuf[:kb].view(K, b, T))
-        count = torch.sum(agree, dim=0, dtype=count_dtype, out=cbuf[: b * T].view(b, T))  # uint8: ~8x faster
-        kept = torch.sum(c3.clamp_min_(0), dim=0, out=kbuf[: b * T].view(b, T)).mul_(s)
-        torch.mm(kept.div_(count.clamp_min_(1)), Pt, out=out[lo:hi])
-    return out
-
-
-def erase_ties(X: torch.Tensor, S_T: torch.Tensor, P: torch.Tensor, density: float,
-               block: int = 512) -> torch.Tensor:
-    """TIES in semantic coordinates (§5) for residual-side vectors.
-
-    X: (K, d, n) λ-weighted task vectors of the selected sources (columns are vectors).
-    S_T: (|T|, d) unit semantic bases of the token subset; P = Ŝ_T⁺ (d, |T|).
-    Returns Δ* (d, n). Trim keeps the top ``density`` fraction of |c| per vector; a sign is elected
-    per token from the trimmed sum; entries of the other sign are erased; the kept entries are
-    averaged (disjoint mean) and mapped back with P. See :func:`erase_ties_rows`.
-    """
-    return erase_ties_rows(X.transpose(1, 2), S_T, P, density, block).T
-
-
