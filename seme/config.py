@@ -118,11 +118,12 @@ def load_config(path_or_dict: str | Path | dict[str, Any]) -> MergeConfig:
 
     spec = methods.get(cfg.merge_method)
     valid = set(spec.global_params) | set(spec.model_params)
+    posthoc = set() if spec.name == "seme" else set(methods.POSTHOC_PARAMS)  # svc: any per-tensor method
     for k in cfg.parameters:
-        if k not in valid:
+        if k not in valid | posthoc:
             raise ConfigError(
                 f"{source}: unknown parameter '{k}' for merge_method {spec.name}; "
-                f"valid: {', '.join(sorted(valid)) or '(none)'}"
+                f"valid: {', '.join(sorted(valid | posthoc)) or '(none)'}"
             )
     for i, m in enumerate(cfg.models):
         for k in m.parameters:
@@ -133,6 +134,10 @@ def load_config(path_or_dict: str | Path | dict[str, Any]) -> MergeConfig:
                 )
     if spec.needs_base and not cfg.base_model:
         raise ConfigError(f"{source}: merge_method {spec.name} needs base_model")
+    try:
+        methods.configured(cfg)  # post-hoc options' own needs (svc: a base model)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
     return cfg
 
 

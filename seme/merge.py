@@ -262,7 +262,7 @@ class _MergeRun:
     def __init__(self, cfg: MergeConfig, alignment: str | os.PathLike | None, device: str,
                  allow_pickle: bool) -> None:
         self.cfg = cfg
-        self.spec = spec = methods.get(cfg.merge_method)
+        self.spec = spec = methods.configured(cfg)  # the method, plus svc when asked
         self.compute_code = parse_dtype_code(cfg.dtype)
         self.out_code = parse_dtype_code(cfg.out_dtype)
         if spec.name != "seme" and alignment is not None:
@@ -400,6 +400,8 @@ class _MergeRun:
         if state is not None:  # two-pass method: statistics, then row blocks
             return _merge_rows(spec.fn, b, ts, mp, gp, rng, od, name, self.inputs,
                                block=partial(spec.fn_block, state)), False
+        if spec.out_in and self.arch.role(name).transposed and ts[0].dim() == 2:
+            return _call_out_in(spec.fn, b, ts, mp, gp, rng), False
         return spec.fn(b, ts, mp, gp, rng), False
 
     # -- the torch-free engine (fused kernels on the memory-mapped bits) -------------------------------
@@ -655,6 +657,13 @@ def _merge_rows(fn, b, ts, mp, gp, rng, od: torch.dtype, name: str, inputs: list
         for ck in inputs:
             ck.release(name, (r0, r1))
     return out
+
+
+def _call_out_in(fn, b, ts, mp, gp, rng) -> torch.Tensor:
+    """``fn`` on a GPT-2 Conv1D weight (stored (in, out)) shown as (out, in), the result stored back.
+    The base stays one object, so methods still recognise it among the models."""
+    bt = b.T if b is not None else None
+    return fn(bt, [bt if t is b else t.T for t in ts], mp, gp, rng).T.contiguous()
 
 
 def _tokenizer_source(cfg: MergeConfig, sources: list[Checkpoint], base: Checkpoint | None) -> Checkpoint:

@@ -20,10 +20,13 @@ from typing import Any
 
 from seme.errors import ConfigError
 
-__all__ = ["REQUIRED", "MethodSpec", "get", "names", "register"]
+__all__ = ["POSTHOC_PARAMS", "REQUIRED", "MethodSpec", "configured", "get", "names", "register"]
 
 #: Default value meaning "no default": the method raises ConfigError when the parameter is absent.
 REQUIRED = None
+#: Options every per-tensor method takes (name -> default): ``svc: true`` calibrates the merged update's
+#: singular values afterwards (``seme.methods.spectral.with_svc``).
+POSTHOC_PARAMS = {"svc": False, "svc_alpha": 0.1}
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,10 @@ class MethodSpec:
     ``fn_block(state, base_rows, rows, row0) -> Tensor`` (pass 2: the result for the rows
     ``row0 …`` given those rows of the inputs). The executor may then merge large tensors block of
     rows by block of rows; the result must equal ``fn``'s. Both stay pure (no I/O).
+
+    ``out_in``: ``fn`` sees 2-D tensors as (out, in); the executor transposes GPT-2's Conv1D weights
+    (stored (in, out)) before the call and the result back (for methods that are not symmetric in
+    the two sides, e.g. WUDI's input Gram or SVC's output directions).
     """
 
     name: str
@@ -48,6 +55,7 @@ class MethodSpec:
     description: str = ""
     prepare: Callable[..., Any] | None = None
     fn_block: Callable[..., Any] | None = None
+    out_in: bool = False
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
@@ -62,6 +70,7 @@ _BUILTIN_MODULES = (
     "seme.methods.spherical",
     "seme.methods.arcee_fusion",
     "seme.methods.nearswap",
+    "seme.methods.spectral",
 )
 # Registered by other parts of seme; absent modules are tolerated (only the module itself).
 _OPTIONAL_MODULES = ("seme.semantic.merger",)
@@ -117,3 +126,22 @@ def get(name: str) -> MethodSpec:
     if spec is None:
         raise ConfigError(f"unknown merge_method {name!r}; valid: {', '.join(names())}")
     return spec
+
+
+def configured(cfg: Any) -> MethodSpec:
+    """The spec a merge config runs: ``cfg.merge_method``, followed by SVC when its ``svc`` parameter
+    is anything but a plain false (a filter list turns it on per tensor)."""
+    spec = get(cfg.merge_method)
+    svc = cfg.parameters.get("svc", False)
+    if isinstance(svc, (bool, int, str)):
+        from seme.methods._params import as_bool
+
+        if not as_bool(spec.name, "svc", svc):
+            return spec
+    if spec.name == "seme":
+        raise ConfigError("svc is not available with merge_method seme")
+    if not cfg.base_model:
+        raise ConfigError(f"svc needs base_model (it calibrates the update of {spec.name} from the base)")
+    from seme.methods.spectral import with_svc
+
+    return with_svc(spec)
