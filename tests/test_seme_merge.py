@@ -179,6 +179,28 @@ def test_fused_erase_kernel_equals_the_torch_path(monkeypatch, K, density):
     assert torch.allclose(fused.double(), ref, atol=1e-4 * float(ref.abs().max()))
 
 
+def test_embedding_rows_stream_in_blocks(tiny_model, perturbed, tmp_path, monkeypatch):
+    """Embedding / LM-head rows are merged, and their Select statistics gathered, block of rows by
+    block of rows (no whole V×d task vector): blocks of 20 rows give what whole tensors give."""
+    from seme.semantic import transform
+
+    base = tiny_model("base")
+    a, c = perturbed(base, "a", 0.02, 1), perturbed(base, "c", 0.02, 2)
+    cfg = seme_config([a, c], base, compute="cap")  # cap: the per-row Compute with the most arithmetic
+    _merge(cfg, tmp_path / "whole")
+    monkeypatch.setattr(transform, "ROW_BLOCK", 20)  # 128 tokens: 7 blocks, the last one short
+    _merge(cfg, tmp_path / "blocks")
+    t1, t2 = tensors(tmp_path / "whole"), tensors(tmp_path / "blocks")
+    rows = [n for n in t1 if "embed" in n or "lm_head" in n]
+    assert rows and all(torch.allclose(t1[n], t2[n], atol=1e-6, rtol=0) for n in t1)
+    assert any(not torch.equal(t1[n], tensors(base)[n]) for n in rows)  # the rows really merged
+    m1, m2 = (json.loads((tmp_path / d / "seme_alignment" / "alignment.json").read_text())["modules"]
+              for d in ("whole", "blocks"))
+    for key in ("embed", "head"):
+        if key in m1:
+            assert torch.allclose(torch.tensor(m1[key]["gram"]), torch.tensor(m2[key]["gram"]), rtol=1e-9)
+
+
 def test_saved_alignment_is_reused_and_checked(tiny_model, tmp_path):
     from seme.semantic.alignment import align
 
