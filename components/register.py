@@ -29,9 +29,11 @@ def register_model(
     import os
 
     from seme import registry
+    from seme.gates import verify_gate_binding
 
     tracking_uri = mlflow_tracking_uri or None
     gate_file = os.path.join(gate_result.path, "gate_result.json")
+    verify_gate_binding(gate_file, merged.path)  # the verdict is about this very checkpoint
     run_id = registry.log_merge_run(
         merged.path,
         metrics=os.path.join(report.path, "bundle.json"),

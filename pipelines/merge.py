@@ -30,6 +30,8 @@ PIPELINE_NAME = "seme-merge"
 #: Names of the Kubernetes objects the steps read their settings from (infra/k8s/base).
 CONFIG_MAP = "seme-config"
 S3_SECRET = "seme-s3"
+#: MLflow basic-auth credentials of the pipeline's account (the only one that may write the registry)
+MLFLOW_SECRET = "seme-mlflow-auth"
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class ClusterOptions:
     gpu_toleration: str = "nvidia.com/gpu:Exists:NoSchedule"  # KEY:OPERATOR[:VALUE]:EFFECT
     config_map: str = CONFIG_MAP
     s3_secret: str = S3_SECRET
+    mlflow_secret: str = MLFLOW_SECRET
     retries: int = 3
     #: first retry delay of fetch/register (doubles each time); the local runner honours it too,
     #: so ``seme pipeline run-local`` builds the pipeline with a short one
@@ -87,8 +90,9 @@ def _retried(task: PipelineTask, opts: ClusterOptions) -> PipelineTask:
     )
 
 
-def _settings_env(task: PipelineTask, opts: ClusterOptions, s3: bool) -> PipelineTask:
-    """Endpoints from the seme-config ConfigMap (used when the run leaves them empty); S3 keys from the secret."""
+def _settings_env(task: PipelineTask, opts: ClusterOptions, s3: bool, mlflow: bool = False) -> PipelineTask:
+    """Endpoints from the seme-config ConfigMap (used when the run leaves them empty); S3 keys from the
+    S3 secret; with ``mlflow``, the MLflow account's credentials (steps that write the registry)."""
     kubernetes.use_config_map_as_env(
         task,
         config_map_name=opts.config_map,
@@ -105,6 +109,15 @@ def _settings_env(task: PipelineTask, opts: ClusterOptions, s3: bool) -> Pipelin
             secret_key_to_env={
                 "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
                 "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
+            },
+        )
+    if mlflow:
+        kubernetes.use_secret_as_env(
+            task,
+            secret_name=opts.mlflow_secret,
+            secret_key_to_env={
+                "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
+                "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD",
             },
         )
     return task
@@ -141,7 +154,7 @@ def build_merge_pipeline(opts: ClusterOptions | None = None):
         ).set_display_name("record-status")
         _retried(final, opts)
         _resources(final, "100m", "512Mi", "1", "1Gi")
-        _settings_env(final, opts, s3=False)
+        _settings_env(final, opts, s3=False, mlflow=True)
 
         with dsl.ExitHandler(final):
             with dsl.ParallelFor(source_uris) as uri:
@@ -219,7 +232,7 @@ def build_merge_pipeline(opts: ClusterOptions | None = None):
             for r in (reg, reg_failed):
                 _retried(r, opts)
                 _resources(r, "500m", "1Gi", "2", "4Gi")
-                _settings_env(r, opts, s3=False)
+                _settings_env(r, opts, s3=False, mlflow=True)
 
     return merge_pipeline
 

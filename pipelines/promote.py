@@ -35,7 +35,7 @@ def build_promote_pipeline(opts: ClusterOptions | None = None):
         ).set_display_name("promote")
         _retried(task, opts)
         _resources(task, "100m", "512Mi", "1", "1Gi")
-        _settings_env(task, opts, s3=False)
+        _settings_env(task, opts, s3=False, mlflow=True)
 
     return promote_pipeline
 

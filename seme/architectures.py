@@ -119,13 +119,6 @@ FAMILIES["gemma3"] = FAMILIES["gemma3_text"]
 _GENERIC = Family("generic", _GENERIC_LAYER, [], False)
 
 
-def _first(cfg: dict[str, Any], *keys: str, default: Any = None) -> Any:
-    for k in keys:
-        if cfg.get(k) is not None:
-            return cfg[k]
-    return default
-
-
 @dataclass
 class Architecture:
     """A resolved architecture: family data plus the sizes from config.json."""
@@ -183,17 +176,32 @@ class Architecture:
         return 0.0
 
 
+def _size(cfg: dict[str, Any], source: str, *keys: str, default: Any = None, minimum: int = 1) -> Any:
+    """The first of ``keys`` set in ``cfg``, which must be an integer >= ``minimum`` (CheckpointError
+    naming the key and file otherwise); ``default`` when none is set."""
+    for k in keys:
+        v = cfg.get(k)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or v < minimum:
+            raise CheckpointError(f"{source}: {k} must be an integer >= {minimum}, got {v!r}")
+        return int(v)
+    return default
+
+
 def resolve(config: dict[str, Any], source: str = "config.json") -> Architecture:
     """Resolve the architecture of a Hugging Face ``config.json`` dict."""
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{source}: config.json must be a JSON object, not {type(config).__name__}")
     model_type = str(config.get("model_type", "")).lower()
     fam = FAMILIES.get(model_type, _GENERIC)
-    num_layers = _first(config, "num_hidden_layers", "n_layer", "num_layers")
-    hidden = _first(config, "hidden_size", "n_embd", "d_model")
+    num_layers = _size(config, source, "num_hidden_layers", "n_layer", "num_layers", minimum=0)
+    hidden = _size(config, source, "hidden_size", "n_embd", "d_model")
     if num_layers is None or hidden is None:
         raise CheckpointError(f"{source}: cannot determine num_hidden_layers/hidden_size")
-    heads = int(_first(config, "num_attention_heads", "n_head", default=1))
-    kv = int(_first(config, "num_key_value_heads", default=heads))
-    head_dim = int(_first(config, "head_dim", default=int(hidden) // max(heads, 1)))
+    heads = _size(config, source, "num_attention_heads", "n_head", default=1)
+    kv = _size(config, source, "num_key_value_heads", default=heads)
+    head_dim = _size(config, source, "head_dim", default=hidden // heads)
     tied = bool(config.get("tie_word_embeddings", fam.tie_default if model_type != "gpt2" else True))
     rules = []
     for pat, kind, module, unit, transposed in fam.layer_rules + fam.global_rules:
@@ -206,11 +214,11 @@ def resolve(config: dict[str, Any], source: str = "config.json") -> Architecture
         model_type=model_type,
         num_layers=int(num_layers),
         hidden_size=int(hidden),
-        vocab_size=int(_first(config, "vocab_size", default=0)),
+        vocab_size=_size(config, source, "vocab_size", default=0, minimum=0),
         num_heads=heads,
         num_kv_heads=kv,
         head_dim=head_dim,
-        intermediate_size=int(_first(config, "intermediate_size", "n_inner", default=4 * int(hidden)) or 0),
+        intermediate_size=_size(config, source, "intermediate_size", "n_inner", default=4 * hidden, minimum=0),
         tied_embeddings=tied,
         norm_offset=fam.norm_offset,
         residual_rotation_ok=fam.residual_rotation_ok,

@@ -29,7 +29,7 @@ import numpy as np
 
 from seme.architectures import Architecture, resolve
 from seme.errors import CheckpointError
-from seme.fsutil import sha256_file
+from seme.fsutil import open_regular, sha256_file
 from seme.lazy import torch
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -96,6 +96,38 @@ def parse_dtype(name: str | None):
     return None if code is None else torch_dtype(code)
 
 
+#: largest JSON side file read (config, index, tokenizer): bigger ones are refused, not parsed
+MAX_JSON_BYTES = 256 << 20
+
+
+def read_json(path: str | os.PathLike, error=CheckpointError, what: str = "JSON file") -> Any:
+    """Parse a JSON side file safely: regular file only, at most MAX_JSON_BYTES, UTF-8; any defect
+    raises ``error`` naming the file."""
+    fd = open_regular(path, error)
+    with os.fdopen(fd, "rb") as fh:
+        if os.fstat(fd).st_size > MAX_JSON_BYTES:
+            raise error(f"{path}: {what} larger than {MAX_JSON_BYTES >> 20} MiB; refused")
+        raw = fh.read(MAX_JSON_BYTES + 1)
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: {what} is not UTF-8 ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: invalid {what} ({e})") from None
+    except RecursionError:
+        raise error(f"{path}: {what} is nested too deeply") from None
+
+
+def _safe_shard_name(name: Any, index: Path) -> str:
+    """A shard name from an index: a plain relative path that stays inside the checkpoint directory."""
+    if not isinstance(name, str) or not name:
+        raise CheckpointError(f"{index}: weight_map values must be shard file names, got {name!r}")
+    parts = Path(name).parts
+    if os.path.isabs(name) or "\\" in name or ".." in parts or "\0" in name:
+        raise CheckpointError(f"{index}: shard {name!r} is outside the checkpoint directory; refused")
+    return name
+
+
 def _read_header(fh, path: Path) -> tuple[dict[str, Any], int, int]:
     """A safetensors file's header, checked as the safetensors library checks it: a JSON object of
     known dtypes and shapes whose byte ranges tile the data section exactly. Returns (header, data
@@ -150,7 +182,7 @@ class _MappedFile:
     """
 
     def __init__(self, path: Path) -> None:
-        with open(path, "rb") as fh:
+        with os.fdopen(open_regular(path, CheckpointError), "rb") as fh:
             header, start, size = _read_header(fh, path)
             self.mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) if size > start else None
         self.header = header
@@ -188,12 +220,12 @@ class Checkpoint:
         if not self.path.is_dir():
             raise CheckpointError(f"{self.path}: not a directory (expected a Hugging Face checkpoint)")
         cfg_path = self.path / "config.json"
-        if not cfg_path.is_file():
+        if not os.path.lexists(cfg_path):
             raise CheckpointError(f"{cfg_path}: missing config.json")
-        try:
-            self.config: dict[str, Any] = json.loads(cfg_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from None
+        config = read_json(cfg_path, what="config.json")
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{cfg_path}: config.json must be a JSON object, not {type(config).__name__}")
+        self.config: dict[str, Any] = config
         self._where: dict[str, Path] = {}
         self._meta: dict[str, tuple[str, tuple[int, ...]]] = {}
         self._handles: dict[Path, Any] = {}
@@ -206,14 +238,16 @@ class Checkpoint:
     # -- discovery -------------------------------------------------------------------------------
     def _discover(self, allow_pickle: bool) -> list[Path]:
         index = self.path / SAFE_INDEX
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
-                raise CheckpointError(f"{index}: invalid index file ({e})") from None
-            files = sorted({self.path / f for f in weight_map.values()})
+        if os.path.lexists(index):
+            data = read_json(index, what="index file")
+            weight_map = data.get("weight_map") if isinstance(data, dict) else None
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index}: invalid index file (no 'weight_map' object of tensor -> shard)")
+            if not weight_map:
+                raise CheckpointError(f"{index}: weight_map lists no tensors")
+            files = sorted({self.path / _safe_shard_name(f, index) for f in weight_map.values()})
             for f in files:
-                if not f.is_file():
+                if not os.path.lexists(f):
                     raise CheckpointError(f"{f}: shard listed in {SAFE_INDEX} is missing")
             for f in files:
                 self._scan(f)
@@ -222,7 +256,7 @@ class Checkpoint:
                 raise CheckpointError(f"{index}: tensor {missing[0]} listed but not found in its shard")
             return files
         single = self.path / "model.safetensors"
-        if single.is_file():
+        if os.path.lexists(single):
             self._scan(single)
             return [single]
         shards = sorted(self.path.glob("*.safetensors"))
@@ -248,6 +282,11 @@ class Checkpoint:
             raise CheckpointError(f"{f}: cannot read safetensors file ({e.strerror or e})") from None
         for name, v in mapped.header.items():
             if name != "__metadata__":
+                if name in self._where:
+                    raise CheckpointError(
+                        f"tensor {name} is in both {self._where[name]} and {f}; "
+                        f"which one is meant is ambiguous (an index file, {SAFE_INDEX}, would say)"
+                    )
                 self._meta[name] = (v["dtype"], tuple(v["shape"]))
                 self._where[name] = f
         self._maps[f] = mapped
@@ -269,7 +308,15 @@ class Checkpoint:
     @property
     def architecture(self) -> Architecture:
         if self._arch is None:
-            self._arch = resolve(self.config, str(self.path / "config.json"))
+            arch = resolve(self.config, str(self.path / "config.json"))
+            # the decoder layers the family's tables recognise (not a vision tower's, not unknown names)
+            layers = {r.layer for r in map(arch.role, self.names) if r.kind != "other"} - {None}
+            if arch.known and layers and max(layers) + 1 != arch.num_layers:  # type: ignore[operator]
+                raise CheckpointError(
+                    f"{self.path / 'config.json'}: num_hidden_layers is {arch.num_layers} but the weights "
+                    f"have layers 0..{max(layers)}"  # type: ignore[type-var]
+                )
+            self._arch = arch
         return self._arch
 
     def __contains__(self, name: str) -> bool:
@@ -476,11 +523,15 @@ class CheckpointWriter:
             raw += b" " * (-len(raw) % 8)
             path = self.out_dir / self.filenames[i]
             fh = open(path, "wb")  # noqa: SIM115 - kept open while tensors stream in; closed in close()/abort()
-            fh.write(struct.pack("<Q", len(raw)))
-            fh.write(raw)
-            base = fh.tell()
-            fh.truncate(base + off)
-            self._files.append((fh, base))
+            self._files.append((fh, 0))
+            try:
+                fh.write(struct.pack("<Q", len(raw)))
+                fh.write(raw)
+                base = fh.tell()
+                fh.truncate(base + off)
+            except OSError as e:
+                raise OSError(e.errno, e.strerror, str(path)) from None
+            self._files[-1] = (fh, base)
             self._hashes.append([hashlib.sha256(struct.pack("<Q", len(raw)) + raw), 0, off])
         self._written: set[str] = set()
 
@@ -503,8 +554,11 @@ class CheckpointWriter:
             data = np.ascontiguousarray(tensor).reshape(-1).view(np.uint8)
         else:
             data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        fh.seek(base + slot.begin)
-        fh.write(memoryview(data))
+        try:
+            fh.seek(base + slot.begin)
+            fh.write(memoryview(data))
+        except OSError as e:  # disk full …: name the file (atomic_dir reports it under OUT_DIR)
+            raise OSError(e.errno, e.strerror, str(self.out_dir / self.filenames[slot.shard])) from None
         self._written.add(name)
         if hash:
             self.hash_update(name, data)
@@ -533,8 +587,11 @@ class CheckpointWriter:
 
     def close(self) -> list[str]:
         """Close the files; write the index for sharded output. Returns the file names."""
-        for fh, _ in self._files:
-            fh.close()
+        for i, (fh, _) in enumerate(self._files):
+            try:
+                fh.close()  # flushes: may fail on a full disk
+            except OSError as e:
+                raise OSError(e.errno, e.strerror, str(self.out_dir / self.filenames[i])) from None
         missing = [n for n, _, _ in self.plan if n not in self._written]
         if missing:
             raise CheckpointError(f"internal: tensor {missing[0]} was planned but never written")
@@ -550,7 +607,10 @@ class CheckpointWriter:
 
     def abort(self) -> None:
         for fh, _ in self._files:
-            fh.close()
+            try:
+                fh.close()
+            except OSError:  # already failing; the temp dir is removed
+                pass
 
 
 def _numel(shape: Iterable[int]) -> int:

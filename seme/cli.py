@@ -11,7 +11,9 @@ import gc
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
 
 from seme import __version__
 
@@ -49,6 +51,11 @@ class _StderrHandler(logging.StreamHandler):
     def stream(self, _value) -> None:
         pass
 
+    def format(self, record: logging.LogRecord) -> str:
+        from seme.errors import redact_url
+
+        return redact_url(super().format(record))  # no password of an endpoint URL in any log line
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -71,7 +78,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so every ``finally``/cleanup runs (temp dirs removed)."""
+
+
+def _on_sigterm(_signum, _frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; SIGTERM is handled like SIGINT while it runs (cleanup, one error line)."""
+    in_main = threading.current_thread() is threading.main_thread()
+    prev = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
+    try:
+        return _main(argv)
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, prev if prev is not None else signal.SIG_DFL)
+
+
+def _main(argv: list[str] | None) -> int:
     # Importing torch and friends allocates ~10⁶ objects; with the default thresholds the cycle
     # collector ran hundreds of times during imports alone (~0.3 s of a 135M merge's CPU time).
     gc.set_threshold(100_000, 50, 1000)
@@ -92,12 +119,16 @@ def main(argv: list[str] | None = None) -> int:
     except SemeError as e:
         if args.debug:
             raise
-        msg = " ".join(str(e).split("\n"))
+        from seme.errors import redact_url
+
+        msg = redact_url(" ".join(str(e).split("\n")))
+        if len(msg) > 1000:  # a message quoting a huge input stays one readable line
+            msg = msg[:1000] + " …"
         print(f"seme: error: {msg}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print("seme: error: interrupted", file=sys.stderr)
-        return 130
+        return 143 if isinstance(e, Terminated) else 130
     except OSError as e:
         if args.debug:
             raise

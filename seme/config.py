@@ -12,11 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from seme.errors import ConfigError
 
@@ -46,7 +47,7 @@ class MergeConfig(BaseModel):
     out_dtype: str | None = None
     seed: int = 0
     tokenizer_source: str | None = None
-    out_shard_size: int | str | None = None
+    out_shard_size: StrictInt | StrictFloat | StrictStr | None = None  # not a bool
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
 
     def sha256(self) -> str:
@@ -58,23 +59,90 @@ class MergeConfig(BaseModel):
         return parse_size(self.out_shard_size) if self.out_shard_size is not None else 2 * 1024**3
 
 
-def parse_size(v: int | str) -> int:
-    """``"2GB"`` / ``"500M"`` / ``1000`` -> bytes (decimal units for B/KB/MB/GB, binary for KiB...)."""
-    if isinstance(v, int):
-        return v
-    s = str(v).strip().upper().replace(" ", "")
-    units = {"KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "KB": 1000, "MB": 1000**2, "GB": 1000**3,
-             "K": 1000, "M": 1000**2, "G": 1000**3, "B": 1}
-    for u, mult in units.items():
-        if s.endswith(u):
-            try:
-                return int(float(s[: -len(u)]) * mult)
-            except ValueError:
+def parse_size(v: float | str) -> int:
+    """``"2GB"`` / ``"500M"`` / ``1000`` -> bytes (decimal units for B/KB/MB/GB, binary for KiB...).
+
+    A size must be a finite positive number of bytes; anything else is a ConfigError."""
+    bad = ConfigError(f"out_shard_size: cannot parse {v!r} (a positive size such as 2GB, 500MB, 1000000)")
+    if isinstance(v, bool):
+        raise bad
+    if isinstance(v, (int, float)):
+        n = float(v)
+    else:
+        s = str(v).strip().upper().replace(" ", "")
+        units = {"KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "KB": 1000, "MB": 1000**2, "GB": 1000**3,
+                 "K": 1000, "M": 1000**2, "G": 1000**3, "B": 1}
+        num, mult = s, 1
+        for u, m in units.items():
+            if s.endswith(u):
+                num, mult = s[: -len(u)], m
                 break
+        try:
+            n = float(num) * mult
+        except (ValueError, OverflowError):
+            raise bad from None
+    if not math.isfinite(n) or n < 1 or n > 1 << 62:
+        raise ConfigError(f"out_shard_size: {v!r} is not a positive size of at most 2^62 bytes")
+    return int(n)
+
+
+#: limits on a config file: its size, and its YAML node count with every alias expanded (an "alias
+#: bomb" of a few hundred bytes otherwise expands to gigabytes in whatever walks it)
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_NODES = 100_000
+
+
+def load_yaml(p: Path, error: type[Exception] = ConfigError) -> Any:
+    """Parse a YAML file safely: a regular UTF-8 file of at most MAX_CONFIG_BYTES, not nested deeper
+    than Python can walk, and at most MAX_CONFIG_NODES nodes once aliases are expanded."""
+    from seme.fsutil import open_regular
+
+    fd = open_regular(p, error)
+    with os.fdopen(fd, "rb") as fh:
+        raw = fh.read(MAX_CONFIG_BYTES + 1)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise error(f"{p}: larger than {MAX_CONFIG_BYTES >> 10} KiB; not a config file")
     try:
-        return int(s)
-    except ValueError:
-        raise ConfigError(f"out_shard_size: cannot parse {v!r} (e.g. 2GB, 500MB, 1000000)") from None
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is None:
+            return None
+        _check_expanded_size(node, p, error)
+        return yaml.load(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        raise error(f"{p}: invalid YAML ({str(e).splitlines()[0][:300]})") from None
+    except RecursionError:
+        raise error(f"{p}: YAML nested too deeply") from None
+
+
+def _check_expanded_size(root: yaml.Node, p: Path, error: type[Exception]) -> None:
+    """Count the nodes of ``root`` with aliases expanded (memoised, iterative); refuse big or cyclic."""
+    size: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    open_: set[int] = set()
+    while stack:
+        node, done = stack.pop()
+        if id(node) in size:
+            continue
+        kids: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            kids = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            kids = [x for kv in node.value for x in kv]
+        if done:
+            open_.discard(id(node))
+            size[id(node)] = 1 + sum(size[id(k)] for k in kids)
+            if size[id(node)] > MAX_CONFIG_NODES:
+                raise error(f"{p}: YAML expands to more than {MAX_CONFIG_NODES} nodes (aliases?); refused")
+            continue
+        if id(node) in open_:
+            raise error(f"{p}: YAML alias refers to itself; refused")
+        open_.add(id(node))
+        stack.append((node, True))
+        stack.extend((k, False) for k in kids if id(k) not in size)
 
 
 def _format_validation(e: ValidationError, source: str) -> str:
@@ -96,12 +164,9 @@ def load_config(path_or_dict: str | Path | dict[str, Any]) -> MergeConfig:
     else:
         p = Path(path_or_dict)
         source = str(p)
-        if not p.is_file():
+        if not os.path.lexists(p):
             raise ConfigError(f"{p}: config file not found")
-        try:
-            data = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
+        data = load_yaml(p)
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: a merge config must be a YAML mapping")
     try:
@@ -110,13 +175,21 @@ def load_config(path_or_dict: str | Path | dict[str, Any]) -> MergeConfig:
         raise ConfigError(_format_validation(e, source)) from None
     if not cfg.models:
         raise ConfigError(f"{source}: 'models' is empty; list at least one model")
+    if cfg.out_shard_size is not None:
+        try:
+            cfg.shard_bytes()
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
     for key in ("dtype", "out_dtype"):
         val = getattr(cfg, key)
         if val is not None and val not in COMPUTE_DTYPES:
             raise ConfigError(f"{source}: {key} {val!r} is not one of {', '.join(COMPUTE_DTYPES)}")
     from seme import methods  # the registry validates method names and parameters
 
-    spec = methods.get(cfg.merge_method)
+    try:
+        spec = methods.get(cfg.merge_method)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
     valid = set(spec.global_params) | set(spec.model_params)
     posthoc = set() if spec.name == "seme" else set(methods.POSTHOC_PARAMS)  # svc: any per-tensor method
     for k in cfg.parameters:

@@ -6,6 +6,15 @@ unless ``--debug``. Messages name the file, tensor or object a person has to act
 
 from __future__ import annotations
 
+import re
+
+_URL_USERINFO = re.compile(r"(//)[^/@\s'\"]*@")
+
+
+def redact_url(text: str) -> str:
+    """``text`` with the ``user:password@`` part of every URL in it masked (``//***@``)."""
+    return _URL_USERINFO.sub(r"\1***@", text)
+
 
 class SemeError(Exception):
     """Base of every error a user can act on."""

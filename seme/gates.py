@@ -8,10 +8,17 @@ The bundle becomes a table with one row per check (an expert's task, a general m
 the merged model reports without a specialist); the policy becomes expectations on that table:
 
 - every expected task is present (``expect_column_distinct_values_to_contain_set``),
-- on each expert's task, merged / expert >= r (or <= 1/r for lower-is-better metrics),
+- on each expert's task, merged / expert >= r (or <= 1/r for lower-is-better metrics); against a
+  negative reference (signed metrics such as log-probabilities) the "ratio" is the change relative
+  to its magnitude, 1 + (merged - ref) / |ref|, so a ratio of two negatives never passes a worse model,
 - each general metric, merged / base <= 1 + p (lower is better) or >= 1 - d (higher is better),
 - every value used is present and finite (``expect_column_values_to_not_be_null`` / ``_be_between``),
 - optionally, weight checks on the merged checkpoint (a second table: one row per tensor).
+
+The result records which checkpoint it judged (``model``: path and :func:`checkpoint_digest`), and
+``seme register`` refuses a result that does not name the checkpoint being registered
+(:func:`verify_gate_binding`). Policies carry a ``version`` (only 1 exists; others are refused) and
+are type-checked (``tasks: arithmetic`` is an error, not five one-letter tasks).
 
 Each expectation carries a ``meta.check`` id and a human sentence, so the Markdown summary can name
 every failed expectation with the numbers behind it. The GX validation results are kept verbatim
@@ -37,6 +44,7 @@ DEFAULT_POLICY = Path(__file__).parent / "policies" / "default_gate.yaml"
 RESULT_FILE = "gate_result.json"
 SUMMARY_FILE = "gate_summary.md"
 _BIG = 1e300  # "finite" bound: GX between() with ±1e300 rejects ±inf
+POLICY_VERSIONS = (1,)  # policy file versions this code understands; any other is refused
 
 
 @dataclass
@@ -51,10 +59,12 @@ class GateResult:
     result_path: Path | None = None
     summary_path: Path | None = None
     failures: list[str] = field(default_factory=list)
+    model: dict[str, Any] | None = None  # {"path", "digest"} of the checkpoint judged (see checkpoint_digest)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "passed": self.passed,
+            "model": self.model,
             "verdict": "passed" if self.passed else "failed",
             "failures": self.failures,
             "checks": self.checks,
@@ -74,11 +84,15 @@ def load_policy(path: str | os.PathLike | None = None) -> dict[str, Any]:
 
     p = Path(path) if path is not None else DEFAULT_POLICY
     try:
-        raw = yaml.safe_load(p.read_text())
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
     except OSError as e:
         raise ConfigError(f"cannot read gate policy {p}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"gate policy {p} is not UTF-8 text") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"gate policy {p} is not valid YAML: {' '.join(str(e).split())}") from None
+        raise ConfigError(f"gate policy {p} is not valid YAML: {' '.join(str(e).split())[:300]}") from None
+    except RecursionError:
+        raise ConfigError(f"gate policy {p}: nested too deeply") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"gate policy {p}: expected a mapping at the top level")
     known = {
@@ -95,9 +109,23 @@ def load_policy(path: str | os.PathLike | None = None) -> dict[str, Any]:
         raise ConfigError(
             f"gate policy {p}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})"
         )
-    er = raw.get("expert_retention") or {}
+    version = raw.get("version", 1)
+    if isinstance(version, bool) or version not in POLICY_VERSIONS:
+        raise ConfigError(
+            f"gate policy {p}: version {version!r:.40} is not supported by this seme "
+            f"(supported: {', '.join(map(str, POLICY_VERSIONS))})"
+        )
+    er = _mapping(raw, "expert_retention", p)
+    _mapping(er, "per_task", p, "expert_retention.")
+    _mapping(raw, "general", p)
+    _mapping(raw, "weights", p)
+    for key in ("tasks", "lower_is_better"):
+        _str_list(raw, key, p)
+    for key in ("require_finite",):
+        if key in raw and not isinstance(raw[key], bool):
+            raise ConfigError(f"gate policy {p}: {key} must be true or false, got {raw[key]!r:.40}")
     pol = {
-        "version": raw.get("version", 1),
+        "version": version,
         "tasks": [str(t) for t in (raw.get("tasks") or [])],
         "min_ratio": _num(
             er.get("min_ratio", 0.9), p, "expert_retention.min_ratio", lo=0.0, hi=1.0, lo_open=True
@@ -115,7 +143,9 @@ def load_policy(path: str | os.PathLike | None = None) -> dict[str, Any]:
         spec = spec or {}
         if not isinstance(spec, dict) or not ({"max_increase", "max_decrease"} & set(spec)):
             raise ConfigError(f"gate policy {p}: general.{name} needs max_increase (or max_decrease)")
-        g: dict[str, Any] = {"required": bool(spec.get("required", True))}
+        if not isinstance(spec.get("required", True), bool):
+            raise ConfigError(f"gate policy {p}: general.{name}.required must be true or false")
+        g: dict[str, Any] = {"required": spec.get("required", True)}
         if "max_increase" in spec:
             g["max_increase"] = _num(spec["max_increase"], p, f"general.{name}.max_increase", lo=0.0)
         if "max_decrease" in spec:
@@ -127,12 +157,35 @@ def load_policy(path: str | os.PathLike | None = None) -> dict[str, Any]:
         raise ConfigError(
             f"gate policy {p}: unknown weight check(s) {', '.join(unknown_w)} (known: finite, max_abs)"
         )
-    pol["weights"]["finite"] = bool(w.get("finite", False))
+    if not isinstance(w.get("finite", False), bool):
+        raise ConfigError(f"gate policy {p}: weights.finite must be true or false")
+    pol["weights"]["finite"] = w.get("finite", False)
     if w.get("max_abs") is not None:
         pol["weights"]["max_abs"] = _num(w["max_abs"], p, "weights.max_abs", lo=0.0, lo_open=True)
     pol["source"] = str(p)
     pol["sha256"] = hashlib.sha256(p.read_bytes()).hexdigest()
     return pol
+
+
+def _mapping(raw: dict[str, Any], key: str, p: Path, prefix: str = "") -> dict[str, Any]:
+    """``raw[key]`` as a mapping ({} when absent or null); anything else is a ConfigError."""
+    v = raw.get(key)
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise ConfigError(f"gate policy {p}: {prefix}{key} must be a mapping, got {type(v).__name__} {v!r:.40}")
+    return v
+
+
+def _str_list(raw: dict[str, Any], key: str, p: Path) -> None:
+    """``raw[key]`` must be a list of names (a bare string would be read letter by letter)."""
+    v = raw.get(key)
+    if v is None:
+        return
+    if not isinstance(v, list) or not all(isinstance(t, str) and t for t in v):
+        raise ConfigError(
+            f"gate policy {p}: {key} must be a list of names, e.g. [{key}_a, {key}_b], got {v!r:.60}"
+        )
 
 
 def _num(
@@ -157,7 +210,9 @@ def load_bundle(path_or_dict: str | os.PathLike | dict[str, Any]) -> tuple[dict[
         except OSError as e:
             raise ConfigError(f"cannot read metrics bundle {where}: {e.strerror}") from None
         except ValueError as e:
-            raise ConfigError(f"metrics bundle {where} is not valid JSON: {e}") from None
+            raise ConfigError(f"metrics bundle {where} is not valid JSON: {str(e)[:200]}") from None
+        except RecursionError:
+            raise ConfigError(f"metrics bundle {where}: nested too deeply") from None
     if not isinstance(b, dict) or not isinstance(b.get("merged"), dict):
         raise ConfigError(
             f"metrics bundle {where}: needs a 'merged' metrics object (see seme/policies/default_gate.yaml)"
@@ -168,7 +223,11 @@ def load_bundle(path_or_dict: str | os.PathLike | dict[str, Any]) -> tuple[dict[
         raise ConfigError(f"metrics bundle {where}: 'parents' must map a name to a metrics object")
     if not isinstance(experts, dict):
         raise ConfigError(f"metrics bundle {where}: 'experts' must map a task to an expert name")
+    if not isinstance(b.get("base", "base"), str) or not isinstance(b.get("model_dir", ""), str | None):
+        raise ConfigError(f"metrics bundle {where}: 'base' and 'model_dir' must be strings")
     for task, name in experts.items():
+        if not isinstance(name, str):
+            raise ConfigError(f"metrics bundle {where}: expert of task {task!r} must be a name, got {name!r:.40}")
         if name not in parents:
             raise ConfigError(
                 f"metrics bundle {where}: expert {name!r} of task {task!r} has no metrics in 'parents'"
@@ -240,8 +299,10 @@ def build_table(bundle: dict[str, Any], policy: dict[str, Any]) -> list[dict[str
             ratio = math.nan  # fails the not-null checks, which name the missing value
         elif ref == 0.0:
             ratio = 1.0 if m == 0.0 else math.copysign(math.inf, m)
-        else:
+        elif ref > 0.0:
             ratio = m / ref
+        else:  # signed metric (log-prob...): the change relative to |reference|, so -9 vs -1 is -7, not 9
+            ratio = 1.0 + (m - ref) / abs(ref)
         rows.append(
             {"check": check, "kind": kind, "task": task, "metric": metric, "higher_is_better": metric.lower() not in lower,
              "merged": m, "reference": ref, "reference_model": ref_model, "ratio": ratio, "min_ratio": lo, "max_ratio": hi}
@@ -414,6 +475,10 @@ def _gx_context() -> Any:
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
+    if not log.isEnabledFor(logging.DEBUG):  # GX sets its loggers to INFO ("Created temporary directory")
+        for name in ("great_expectations", "great_expectations.data_context.types.base"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
     ctx = gx.get_context(mode="ephemeral")
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
     return ctx
@@ -459,6 +524,10 @@ def run_gate(
     """Validate a metrics bundle against a policy; write ``gate_result.json`` and ``gate_summary.md``."""
     policy = load_policy(policy_path)
     bundle, where = load_bundle(bundle_path)
+    md = model_dir or bundle.get("model_dir")
+    judged = None  # the checkpoint this verdict is about (register refuses a result without it)
+    if model_dir is not None or (md and (is_s3(md) or Path(md).is_dir())):
+        judged = {"path": str(md), "digest": checkpoint_digest(md)}
     rows = build_table(bundle, policy)
     ctx = _gx_context()
     results = [
@@ -499,7 +568,7 @@ def run_gate(
     failures = [f"{c['check']}: {c['description']} — {c['detail']}" for c in checks if not c["passed"]]
     passed = not failures and all(bool(res.success) for _, res in results)
     summary = _summary(passed, checks, rows, policy, where)
-    gate = GateResult(passed, checks, gx_json, policy, summary, failures=failures)
+    gate = GateResult(passed, checks, gx_json, policy, summary, failures=failures, model=judged)
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -510,6 +579,74 @@ def run_gate(
         gate.summary_path = _write_atomic(out / SUMMARY_FILE, summary)
     log.info("gate %s (%d checks, %d failed)", "passed" if passed else "failed", len(checks), len(failures))
     return gate
+
+
+def is_s3(path: str | os.PathLike) -> bool:
+    return str(path).startswith("s3://")
+
+
+def checkpoint_digest(model_dir: str | os.PathLike) -> str:
+    """The identity of a checkpoint that a gate result is bound to: ``sha256:<hex>`` of its
+    ``seme_manifest.json`` (which lists every file's sha256), or, for a directory without one, of
+    the sorted ``"<sha256>  <path>"`` lines of its files. Cheap for seme outputs (one small file)."""
+    from seme.fsutil import sha256_file
+
+    if is_s3(model_dir):
+        from seme.storage import get_manifest_bytes
+
+        raw = get_manifest_bytes(str(model_dir))
+        if raw is None:
+            raise ConfigError(f"{model_dir}: no seme_manifest.json under this prefix; cannot identify the model")
+        return "sha256:" + hashlib.sha256(raw).hexdigest()
+    d = Path(model_dir)
+    if not d.is_dir():
+        raise ConfigError(f"{d}: no such model directory")
+    if (d / "seme_manifest.json").is_file():
+        return "sha256:" + sha256_file(d / "seme_manifest.json")
+    skip = {RESULT_FILE, SUMMARY_FILE, ".seme_fetch.json"}
+    lines = [
+        f"{sha256_file(f)}  {f.relative_to(d).as_posix()}\n"
+        for f in sorted(d.rglob("*"))
+        if f.is_file() and f.name not in skip
+    ]
+    return "sha256:" + hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def verify_gate_binding(gate: str | os.PathLike | dict[str, Any], model_dir: str | os.PathLike) -> dict[str, Any]:
+    """The gate result ``gate`` (a gate_result.json path or its dict), checked to be the verdict on
+    ``model_dir``: it must record the digest of the checkpoint it judged, equal to ``model_dir``'s.
+    Raises RegistryError (nothing registered, no alias moved) otherwise."""
+    from seme.errors import RegistryError, SemeError
+
+    where = "gate result" if isinstance(gate, dict) else str(gate)
+    if isinstance(gate, dict):
+        doc = gate
+    else:
+        try:
+            doc = json.loads(Path(gate).read_text(encoding="utf-8"))
+        except OSError as e:
+            raise RegistryError(f"cannot read gate result {gate}: {e.strerror}") from None
+        except (ValueError, RecursionError):
+            raise RegistryError(f"gate result {gate} is not valid JSON") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("passed"), bool):
+        raise RegistryError(f"{where}: not a gate result of `seme gate` (no boolean 'passed')")
+    judged = doc.get("model")
+    digest = judged.get("digest") if isinstance(judged, dict) else None
+    if not isinstance(digest, str) or not digest.startswith("sha256:"):
+        raise RegistryError(
+            f"{where}: the gate result does not record which checkpoint it judged (no model digest); "
+            f"run `seme gate ... --model-dir {model_dir}` again; refusing to register"
+        )
+    try:
+        actual = checkpoint_digest(model_dir)
+    except SemeError as e:
+        raise RegistryError(f"cannot identify {model_dir} to check {where}: {e}") from None
+    if actual != digest:
+        raise RegistryError(
+            f"{where} judged another checkpoint ({judged.get('path')}, {digest[:19]}…), not {model_dir} "
+            f"({actual[:19]}…); refusing to register"
+        )
+    return doc
 
 
 def _write_atomic(path: Path, text: str) -> Path:

@@ -46,7 +46,7 @@ from seme.checkpoint import (
 )
 from seme.config import MergeConfig, ParamResolver
 from seme.errors import CheckpointError, ConfigError
-from seme.fsutil import atomic_dir, sha256_file
+from seme.fsutil import atomic_dir, check_out_dir, clean_stale_temps, sha256_file
 from seme.methods import gta
 
 HASH_CACHE_ENV = "SEME_HASH_CACHE"  # directory of cached input digests; "off" disables the cache
@@ -165,6 +165,9 @@ def check_compatible(cks: list[Checkpoint]) -> None:
                     f"tensor {n}: shape {list(ck.shape(n))} in {ck.path} does not match "
                     f"{list(ref.shape(n))} in {ref.path}"
                 )
+            a, b = ck.st_dtype(n), ref.st_dtype(n)
+            if a != b and (a not in FLOAT_CODES or b not in FLOAT_CODES):
+                raise CheckpointError(f"tensor {n}: dtype {a} in {ck.path} does not match {b} in {ref.path}")
         extra = names.difference(ref.names)
         if extra:
             raise CheckpointError(f"{ck.path}: tensor {min(extra)} is not present in {ref.path}")
@@ -239,8 +242,8 @@ def run_merge(
     """Merge per ``cfg`` into the Hugging Face checkpoint directory ``out_dir``."""
     t0 = time.perf_counter()
     limit_heap_retention()
-    run = _MergeRun(cfg, alignment, device, allow_pickle)  # inputs, plan, engine, SeMe alignment
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    run = _MergeRun(cfg, out_dir, alignment, device, overwrite, allow_pickle, config_path)  # inputs, engine, …
+    with atomic_dir(out_dir, overwrite=overwrite, protect=run.protect) as tmp:
         files, written = run.stream_tensors(tmp, progress)  # read → merge → write, overlapped
         files += run.write_side_files(tmp)  # config, tokenizer, SeMe's alignment as used
         seconds = time.perf_counter() - t0
@@ -259,15 +262,21 @@ class _MergeRun:
     load (prefetch thread) → merge → write and hash (one thread each), one tensor in flight per stage.
     """
 
-    def __init__(self, cfg: MergeConfig, alignment: str | os.PathLike | None, device: str,
-                 allow_pickle: bool) -> None:
+    def __init__(self, cfg: MergeConfig, out_dir: str | os.PathLike, alignment: str | os.PathLike | None,
+                 device: str, overwrite: bool, allow_pickle: bool, config_path: str | None) -> None:
         self.cfg = cfg
+        self.config_path = config_path
         self.spec = spec = methods.configured(cfg)  # the method, plus svc when asked
         self.compute_code = parse_dtype_code(cfg.dtype)
         self.out_code = parse_dtype_code(cfg.out_dtype)
         if spec.name != "seme" and alignment is not None:
             raise ConfigError("--alignment is only used with merge_method: seme")
+        #: paths the output must never replace: the inputs, the alignment, the config
+        self.protect = [cfg.base_model, *(m.model for m in cfg.models), alignment, config_path]
+        out_path = check_out_dir(out_dir, overwrite, protect=self.protect)  # fail fast, before any work
+        clean_stale_temps(out_path.parent)
         self.sources, self.base = sources, base = open_inputs(cfg, allow_pickle=allow_pickle)
+        self.tok_src = _tokenizer_source(cfg, sources, base)
         self.anchor = anchor = base or sources[0]
         self.arch = anchor.architecture
         self.plan = _output_plan(anchor, self.out_code)
@@ -280,8 +289,12 @@ class _MergeRun:
         if spec.name == "seme":
             from seme.semantic.merger import SemeMerger  # heavy: only for SeMe
 
-            self.seme_merger = SemeMerger.prepare(cfg, sources, base, Path(alignment) if alignment else None,
-                                                  str(self.dev))
+            try:
+                self.seme_merger = SemeMerger.prepare(cfg, sources, base, Path(alignment) if alignment else None,
+                                                      str(self.dev))
+            except ConfigError as e:
+                raise (ConfigError(f"{e} (config {config_path})") if config_path and config_path not in str(e)
+                       else e) from None
         self.resolver = ParamResolver(cfg, spec.global_params, spec.model_params)
         self.compute_dtype = None
         self.fused = None
@@ -294,6 +307,7 @@ class _MergeRun:
         self.outputs = _OutputPool(max((math.prod(s) * ITEMSIZE[d] for _, s, d in self.plan), default=0))
         self.writer: CheckpointWriter | None = None
         self.seme_extra: dict[str, Any] = {}
+        self.protect += [ck.path for ck in self.inputs]  # s3:// inputs: their local copies
 
     # -- the streaming loop ----------------------------------------------------------------------
     def stream_tensors(self, tmp: Path, progress: bool) -> tuple[list[str], int]:
@@ -312,7 +326,10 @@ class _MergeRun:
                     self.nxt = self.prefetch.submit(self._load, self.plan[0][0], self.plan[0][2])
                 pending: list[Future] = []
                 for i, (name, _shape, odc) in enumerate(self.plan):
-                    merged = produce(i, name, odc)
+                    try:
+                        merged = produce(i, name, odc)
+                    except ConfigError as e:  # a parameter that is bad for this tensor: say where
+                        raise ConfigError(f"{e} (tensor {name}, config {self.config_path or 'given'})") from None
                     for f in pending:  # at most one tensor being written: bounded memory
                         f.result()
                     # the write (a memcpy into the page cache) and the sha256 of the same bytes,
@@ -452,7 +469,7 @@ class _MergeRun:
         if self.out_code is not None:
             out_config["torch_dtype"] = cfg.out_dtype
             out_config.pop("dtype", None)
-        side = copy_side_files(_tokenizer_source(cfg, self.sources, self.base).path, tmp, config=out_config)
+        side = copy_side_files(self.tok_src.path, tmp, config=out_config)
         if self.seme_merger is None:
             return side
         self.seme_extra = self.seme_merger.manifest_extra()

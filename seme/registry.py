@@ -14,8 +14,10 @@
 Every server call is retried with exponential backoff (``SEME_REGISTRY_RETRIES``, default 4;
 ``SEME_REGISTRY_BACKOFF`` seconds, default 1) and then fails with a RegistryError naming the server.
 MLflow's own HTTP retries are lowered (``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` 1, timeout 30 s) unless
-set, so "server down" surfaces in seconds rather than minutes. An alias move that fails half-way is
-undone before the error is raised; a version creation retried after a lost reply is found again by
+set, so "server down" surfaces in seconds rather than minutes, as one error line (retries are logged
+at INFO, urllib3's retry warnings are silenced unless ``--debug``). An alias move that fails half-way
+is undone before the error is raised, the undo retried twice as long (the registry is left as it was
+unless the server stays down throughout; the error then names each alias left moved); a version creation retried after a lost reply is found again by
 its ``seme.registration_id`` tag instead of being created twice.
 """
 
@@ -77,6 +79,8 @@ def client(uri: str | None = None) -> Any:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # stdout carries our results
+    if not log.isEnabledFor(logging.DEBUG):  # "Retrying (Retry(total=0...))" per attempt: one error line is enough
+        logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
     from mlflow import MlflowClient
 
     u = resolve_tracking_uri(uri)
@@ -101,17 +105,27 @@ def _transient(e: BaseException) -> bool:
 
 def _short(e: BaseException) -> str:
     msg = getattr(e, "message", None) or str(e)
-    m = re.search(r"\[Errno \d+\] [^\"')]+|Connection refused|Max retries exceeded|timed out", msg)
+    m = re.search(r"\[Errno \d+\] [^\"')]+", msg) or re.search(
+        r"Connection refused|Connection aborted|Max retries exceeded|timed out", msg
+    )
     text = m.group(0) if m else " ".join(msg.split())[:300]
     return _redact(text)
 
 
-def _call(what: str, uri: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run one MLflow call with retries on transient failures; raise RegistryError otherwise."""
+def _call(
+    what: str, uri: str, fn: Callable[..., T], *args: Any, _patient: bool = False, **kwargs: Any
+) -> T:
+    """Run one MLflow call with retries on transient failures; raise RegistryError otherwise.
+
+    ``_patient``: twice the retries (at least 4), each wait capped at 10 backoffs — for undoing a
+    half-made alias move, where waiting for the server beats leaving the registry changed.
+    """
     from mlflow.exceptions import MlflowException
 
     retries = int(os.environ.get("SEME_REGISTRY_RETRIES", "4"))
     backoff = float(os.environ.get("SEME_REGISTRY_BACKOFF", "1.0"))
+    if _patient:
+        retries = max(2 * retries, 4)
     for attempt in range(retries + 1):
         try:
             return fn(*args, **kwargs)
@@ -127,8 +141,9 @@ def _call(what: str, uri: str, fn: Callable[..., T], *args: Any, **kwargs: Any) 
                     f"{what}: MLflow tracking server {_redact(uri)} unreachable or failing after "
                     f"{retries + 1} attempts ({_short(e)})"
                 ) from None
-            wait = backoff * 2**attempt
-            log.warning("%s: %s; retry %d/%d in %.1f s", what, _short(e), attempt + 1, retries, wait)
+            wait = min(backoff * 2**attempt, 10 * backoff) if _patient else backoff * 2**attempt
+            # INFO: shown with --debug; without it, a down server is one error line at the end
+            log.info("%s: %s; retry %d/%d in %.1f s", what, _short(e), attempt + 1, retries, wait)
             time.sleep(wait)
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -496,9 +511,11 @@ def _move_aliases(
             for a in reversed(done):
                 try:
                     if before.get(a) is None:
-                        _call(f"undo alias {a}", uri, c.delete_registered_model_alias, name, a)
+                        _call(f"undo alias {a}", uri, c.delete_registered_model_alias, name, a, _patient=True)
                     else:
-                        _call(f"undo alias {a}", uri, c.set_registered_model_alias, name, a, before[a])
+                        _call(
+                            f"undo alias {a}", uri, c.set_registered_model_alias, name, a, before[a], _patient=True
+                        )
                     undone.append(a)
                 except RegistryError:
                     stuck.append(f"{a}={dict(moves)[a]} (was {before.get(a)})")

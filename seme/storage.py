@@ -3,19 +3,30 @@
 A published checkpoint is an S3 prefix holding the files and a reference list of their sha256:
 ``seme_manifest.json`` (``"files": [{"path", "sha256", "bytes"}]``, written by ``seme merge``) or
 ``SHA256SUMS`` (``sha256sum`` format, for checkpoints published by others). ``fetch`` verifies every
-file against it before the directory is used; when neither exists it computes the sha256 on the first
-fetch and records it (``.seme_fetch.json``). Fetched directories are cached under
-``$SEME_CACHE_DIR/s3`` (default ``~/.cache/seme/s3``), keyed by URI and the digest of the reference
-list, so a second fetch downloads nothing.
+file against it before the directory is used, and downloads *only* the files it lists: any other
+object under the prefix (say an added ``model.safetensors.index.json`` and an unlisted shard) is
+ignored, with one warning naming them. When neither list exists the sha256 of every object is
+computed on the first fetch and recorded (trust on first use: ``$SEME_CACHE_DIR/s3/trusted/``); that
+record is then the reference list of every later fetch of the URI, so an object added or changed
+afterwards is ignored or refused like one missing from a published list. Fetched directories are
+cached under ``$SEME_CACHE_DIR/s3`` (default ``~/.cache/seme/s3``), keyed by URI and the digest of the
+reference list, so a second fetch downloads nothing. A cached directory is re-verified before each
+reuse: every file's (size, mtime, ctime, inode) is recorded when it is verified, and a file whose
+stat identity changed since is hashed again in full (any write changes its ctime); a mismatch makes
+the cache entry be fetched again (or, for a ``dest`` directory, is refused naming the file).
 
 Downloads run in parallel (one worker per file), each retried with backoff and resumed with ranged
 GETs from where it stopped; a transfer cut off after all retries keeps its partial files (hidden
 ``.partial`` sibling) so the next fetch resumes. A checksum mismatch or a missing object removes the
 partial download. Object keys with ``..``, ``.`` or absolute parts are refused.
 
+``publish`` uploads regular files only and refuses a symlink that resolves outside the directory
+(naming the link), so a link to ``~/.aws/credentials`` never leaves the machine.
+
 The endpoint comes from ``endpoint_url`` or ``AWS_ENDPOINT_URL_S3``; credentials from the usual boto3
-chain. Credentials are never printed or logged: messages name only bucket, key and endpoint, and
-botocore's debug logging (which shows the access key id) is held at INFO unless ``SEME_LOG_BOTO=1``.
+chain. Credentials are never printed or logged: messages name only bucket, key and endpoint (with any
+``user:password@`` in the endpoint URL masked), and botocore's debug logging (which shows the access
+key id) is held at INFO unless ``SEME_LOG_BOTO=1``.
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -34,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from seme.errors import OutputError, StorageError
+from seme.errors import OutputError, StorageError, redact_url
 from seme.fsutil import sha256_file
 
 log = logging.getLogger(__name__)
@@ -45,6 +57,7 @@ RECORD = ".seme_fetch.json"  # written into every fetched directory; never publi
 MULTIPART_THRESHOLD = 8 << 20  # S3 parts must be >= 5 MiB (except the last)
 MULTIPART_CHUNK = 8 << 20
 _READ_CHUNK = 1 << 20
+_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 
 
 @dataclass(frozen=True)
@@ -92,6 +105,12 @@ def _endpoint(endpoint_url: str | None) -> str | None:
     return endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or None
 
 
+def _shown(endpoint_url: str | None) -> str:
+    """The endpoint as messages show it: any ``user:password@`` masked."""
+    ep = _endpoint(endpoint_url)
+    return redact_url(ep) if ep else "default AWS"
+
+
 def _quiet_boto() -> None:
     """Keep botocore's DEBUG records (request headers name the access key id) out of the logs."""
     if os.environ.get("SEME_LOG_BOTO") == "1":
@@ -117,7 +136,7 @@ def _client(endpoint_url: str | None, pool: int = 16) -> Any:
         return boto3.session.Session().client("s3", endpoint_url=_endpoint(endpoint_url), config=cfg)
     except Exception as e:  # noqa: BLE001 - bad endpoint URL, region...: name the endpoint, never creds
         raise StorageError(
-            f"cannot create an S3 client for endpoint {_endpoint(endpoint_url)}: {e}"
+            redact_url(f"cannot create an S3 client for endpoint {_shown(endpoint_url)}: {e}")
         ) from None
 
 
@@ -136,10 +155,10 @@ def _describe(e: BaseException, what: str, endpoint_url: str | None) -> StorageE
             return StorageError(f"{what}: access denied ({code}); check the S3 credentials")
         return StorageError(f"{what}: S3 error {code}")
     if isinstance(e, EndpointConnectionError):
-        return StorageError(f"{what}: cannot reach S3 endpoint {_endpoint(endpoint_url) or 'default AWS'}")
+        return StorageError(f"{what}: cannot reach S3 endpoint {_shown(endpoint_url)}")
     if isinstance(e, NoCredentialsError):
         return StorageError(f"{what}: no S3 credentials found (AWS_ACCESS_KEY_ID / profile)")
-    detail = " ".join(str(e).split())[:200]  # botocore messages name URLs and keys, never secrets
+    detail = redact_url(" ".join(str(e).split()))[:200]  # URLs and keys; a password in a URL is masked
     return StorageError(f"{what}: {type(e).__name__}: {detail}")
 
 
@@ -199,9 +218,13 @@ def _locked(path: Path, remove: bool = False) -> Iterator[None]:
 
 def manifest_files(manifest: dict[str, Any], where: str) -> dict[str, tuple[str, int | None]]:
     """``{path: (sha256, bytes|None)}`` from a seme manifest (``files``, or ``outputs`` as an alias)."""
+    if not isinstance(manifest, dict):
+        raise StorageError(f"{where}: a manifest must be a JSON object, not {type(manifest).__name__}")
     entries = manifest.get("files", manifest.get("outputs"))
     if entries is None:
         raise StorageError(f"{where}: manifest has no 'files' list")
+    if not isinstance(entries, list | dict):
+        raise StorageError(f"{where}: 'files' must be a list of {{path, sha256, bytes}}, not {entries!r:.60}")
     out: dict[str, tuple[str, int | None]] = {}
     items = entries.items() if isinstance(entries, dict) else ((None, e) for e in entries)
     for name, e in items:
@@ -210,10 +233,14 @@ def manifest_files(manifest: dict[str, Any], where: str) -> dict[str, tuple[str,
         elif isinstance(e, dict):
             path, sha, size = e.get("path", name), e.get("sha256"), e.get("bytes")
         else:
-            raise StorageError(f"{where}: malformed manifest entry {e!r}")
-        if not isinstance(path, str) or not isinstance(sha, str) or len(sha) != 64:
-            raise StorageError(f"{where}: manifest entry without path/sha256: {e!r}")
+            raise StorageError(f"{where}: malformed manifest entry {e!r:.100}")
+        if not isinstance(path, str) or not isinstance(sha, str) or not _HEX64.fullmatch(sha):
+            raise StorageError(f"{where}: manifest entry without path/sha256: {e!r:.100}")
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+            raise StorageError(f"{where}: manifest entry {path!r}: 'bytes' must be a size, not {size!r:.40}")
         out[safe_relpath(path, f"{where}: {path}")] = (sha.lower(), size)
+    if not out:
+        raise StorageError(f"{where}: the manifest lists no files")
     return out
 
 
@@ -225,9 +252,11 @@ def parse_sha256sums(text: str, where: str) -> dict[str, tuple[str, int | None]]
             continue
         sha, _, path = line.partition(" ")
         path = path.lstrip(" ").removeprefix("*").removeprefix("./")
-        if len(sha) != 64 or not path:
+        if not _HEX64.fullmatch(sha) or not path:
             raise StorageError(f"{where}: malformed line {i}: {line[:80]!r}")
         out[safe_relpath(path, f"{where}: {path}")] = (sha.lower(), None)
+    if not out:
+        raise StorageError(f"{where}: lists no files")
     return out
 
 
@@ -280,8 +309,12 @@ def _download(
 
     done = staging / obj.rel
     if done.is_file() and done.stat().st_size == obj.size:  # verified and renamed by an earlier try
-        progress.update(obj.size)
-        return expected or sha256_file(done)
+        digest = sha256_file(done)  # hashed again: it may have been damaged on disk since
+        if expected is None or digest == expected:
+            progress.update(obj.size)
+            return digest
+        log.warning("%s: damaged since it was verified; downloading it again", done)
+        done.unlink()
     part = done.with_name(done.name + ".part")
     part.parent.mkdir(parents=True, exist_ok=True)
     h = hashlib.sha256()
@@ -389,12 +422,13 @@ def fetch(
         ref_raw = _get_bytes(s3, bucket, objs[SHA256SUMS].key, endpoint_url)
         expected = parse_sha256sums(ref_raw.decode("utf-8", "replace"), f"{uri}/{SHA256SUMS}")
     else:
-        ref_name, expected = "computed", None
+        trust = _trust_path(uri, cache_dir)
+        expected = _read_trust(trust, uri)
+        ref_name = f"the sha256 list recorded at its first fetch ({trust})" if expected else "computed"
     if ref_raw is not None:
         digest = hashlib.sha256(ref_raw).hexdigest()
-    else:  # nothing to verify against: key on the listing (sizes + ETags) so a changed prefix refetches
-        listing = json.dumps(sorted((o.rel, o.size, o.etag) for o in objs.values()))
-        digest = hashlib.sha256(listing.encode()).hexdigest()
+    else:  # trust on first use: one cache entry per URI, checked against the recorded list
+        digest = hashlib.sha256(f"trusted:{uri}".encode()).hexdigest()
     key = hashlib.sha256(f"{uri}\n{digest}".encode()).hexdigest()[:16]
 
     if dest is not None:
@@ -405,17 +439,19 @@ def fetch(
 
     with _locked(final.parent / f".{final.name}.lock", remove=dest is not None):
         if final.exists():
-            if _cached_ok(final, key):
+            bad = _cached_bad(final, key, expected)
+            if bad is None:
                 log.info("%s: cached at %s", uri, final)
                 return final
             if dest is not None:
-                raise OutputError(f"{final} already exists and is not a fetch of {uri}")
-            shutil.rmtree(final)  # damaged cache entry: fetch again
+                raise OutputError(f"{final} already exists and is not a verified fetch of {uri}: {bad}")
+            log.warning("%s: cached copy %s is damaged (%s); fetching it again", uri, final, bad)
+            shutil.rmtree(final)
         for stale in final.parent.glob(f".{final.name}.partial-*"):  # partials of an older version
             if stale != staging:
                 shutil.rmtree(stale, ignore_errors=True)
 
-        # Every object listed in the reference must exist, with the listed size.
+        # Every object listed in the reference must exist, with the listed size; nothing else is fetched.
         to_get: dict[str, str | None] = {}
         if expected is not None:
             for rel, (sha, size) in sorted(expected.items()):
@@ -429,13 +465,15 @@ def fetch(
                         f"{ref_name} says {size}"
                     )
                 to_get[rel] = sha
-        for rel in sorted(objs):
-            if rel not in to_get and rel not in (MANIFEST, SHA256SUMS, RECORD):
-                if expected is not None:
-                    log.warning(
-                        "%s/%s is not listed in %s; its sha256 is computed and recorded", uri, rel, ref_name
-                    )
-                to_get[rel] = None
+            unlisted = sorted(r for r in objs if r not in to_get and r not in (MANIFEST, SHA256SUMS, RECORD))
+            if unlisted:
+                shown = ", ".join(unlisted[:5]) + (f" and {len(unlisted) - 5} more" if len(unlisted) > 5 else "")
+                log.warning(
+                    "%s: ignoring %d object(s) not listed in %s (never downloaded or used): %s",
+                    uri, len(unlisted), ref_name, shown,
+                )  # fmt: skip
+        else:
+            to_get = {r: None for r in sorted(objs) if r not in (MANIFEST, SHA256SUMS, RECORD)}
 
         staging.mkdir(parents=True, exist_ok=True)
         total = sum(objs[r].size for r in to_get)
@@ -463,51 +501,132 @@ def fetch(
             (staging / ref_name).write_bytes(ref_raw)
         record = {
             "uri": uri,
-            "endpoint": _endpoint(endpoint_url),
+            "endpoint": redact_url(_endpoint(endpoint_url) or "") or None,
             "cache_key": key,
             "reference": ref_name,
             "reference_sha256": digest if ref_raw is not None else None,
-            "files": {r: {"sha256": got[r], "bytes": objs[r].size} for r in sorted(got)},
+            "files": {
+                r: {"sha256": got[r], "bytes": objs[r].size, "stat": _stat_id(staging / r)} for r in sorted(got)
+            },
             "fetched": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         (staging / RECORD).write_text(json.dumps(record, indent=2))
+        if expected is None:  # first fetch of a prefix without a reference list: record what we got
+            _write_trust(_trust_path(uri, cache_dir), uri, {r: (got[r], objs[r].size) for r in got})
         staging.rename(final)
     log.info("%s: fetched %d files (%d bytes), verified against %s", uri, len(got), total, ref_name)
     return final
 
 
-def get_manifest(uri: str, endpoint_url: str | None = None) -> dict[str, Any] | None:
-    """The ``seme_manifest.json`` of a published prefix (one small GET), or None when it has none."""
+def get_manifest_bytes(uri: str, endpoint_url: str | None = None) -> bytes | None:
+    """The raw ``seme_manifest.json`` of a published prefix (one small GET), or None when it has none."""
     from botocore.exceptions import ClientError
 
     bucket, prefix = parse_uri(uri)
     key = f"{prefix}/{MANIFEST}" if prefix else MANIFEST
     s3 = _client(endpoint_url, pool=2)
     try:
-        raw = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
     except ClientError as e:
         if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
             return None
         raise _describe(e, f"s3://{bucket}/{key}", endpoint_url) from None
     except _boto_errors() as e:
         raise _describe(e, f"s3://{bucket}/{key}", endpoint_url) from None
+
+
+def get_manifest(uri: str, endpoint_url: str | None = None) -> dict[str, Any] | None:
+    """The ``seme_manifest.json`` of a published prefix (one small GET), or None when it has none."""
+    raw = get_manifest_bytes(uri, endpoint_url)
+    if raw is None:
+        return None
     try:
         return json.loads(raw)
     except ValueError:
-        raise StorageError(f"s3://{bucket}/{key}: not valid JSON") from None
+        raise StorageError(f"{uri}/{MANIFEST}: not valid JSON") from None
 
 
-def _cached_ok(path: Path, key: str) -> bool:
-    """A cached fetch is reused when its record matches the key and every file has its size."""
+def _stat_id(p: Path) -> list[int]:
+    """What changes when a file is written or replaced: size, mtime, ctime (not settable) and inode."""
+    st = p.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def _cached_bad(path: Path, key: str, expected: dict[str, tuple[str, int | None]] | None) -> str | None:
+    """Why the fetched directory ``path`` cannot be reused (None: it can).
+
+    Every file is re-verified: one whose stat identity is the one recorded at verification is
+    trusted, any other is hashed in full against the recorded sha256 (and its new stat recorded).
+    Files that are neither recorded nor the reference list make the directory unusable too.
+    """
     try:
         rec = json.loads((path / RECORD).read_text())
+        files = rec["files"]
+        if rec.get("cache_key") != key or not isinstance(files, dict):
+            return "it was fetched from another URI or version"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"no readable {RECORD}"
+    if expected is not None:
+        if set(files) != set(expected):
+            return "its files are not the ones the reference list names"
+        for r, (sha, _size) in expected.items():
+            if files[r].get("sha256") != sha:
+                return f"{r} was verified against another sha256"
+    allowed = {*files, MANIFEST, SHA256SUMS, RECORD}
+    for p in sorted(path.rglob("*")):
+        rel = p.relative_to(path).as_posix()
+        if p.is_symlink() or (not p.is_dir() and rel not in allowed):
+            return f"{p} was not fetched"
+    changed = False
+    for r, f in sorted(files.items()):
+        p = path / r
+        if not p.is_file() or p.is_symlink():
+            return f"{p} is missing"
+        stamp = _stat_id(p)
+        if stamp == f.get("stat"):
+            continue
+        if p.stat().st_size != f.get("bytes") or sha256_file(p) != f.get("sha256"):
+            return f"{p} changed on disk since it was verified (sha256 mismatch)"
+        f["stat"], changed = stamp, True
+    if changed:  # verified again: remember the new stat identity
+        with contextlib.suppress(OSError):
+            tmp = path / f".{RECORD}.tmp-{os.getpid()}"
+            tmp.write_text(json.dumps(rec, indent=2))
+            tmp.replace(path / RECORD)
+    return None
+
+
+def _trust_path(uri: str, cache_dir: str | os.PathLike | None) -> Path:
+    """Where the sha256 list of a prefix without a reference list is recorded at its first fetch."""
+    return _cache_root(cache_dir).absolute() / "trusted" / (hashlib.sha256(uri.encode()).hexdigest()[:24] + ".json")
+
+
+def _read_trust(path: Path, uri: str) -> dict[str, tuple[str, int | None]] | None:
+    try:
+        rec = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
     except (OSError, ValueError):
-        return False
-    if rec.get("cache_key") != key:
-        return False
-    return all(
-        (path / r).is_file() and (path / r).stat().st_size == f["bytes"] for r, f in rec["files"].items()
-    )
+        raise StorageError(f"{path}: unreadable sha256 record of {uri}; remove it to fetch {uri} afresh") from None
+    if not isinstance(rec, dict) or rec.get("uri") != uri:
+        raise StorageError(f"{path}: not the sha256 record of {uri}; remove it to fetch {uri} afresh")
+    return manifest_files(rec, str(path))
+
+
+def _write_trust(path: Path, uri: str, files: dict[str, tuple[str, int]]) -> None:
+    rec = {
+        "uri": uri,
+        "note": "sha256 recorded at the first fetch; later fetches accept only these files",
+        "recorded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "files": [{"path": r, "sha256": sha, "bytes": size} for r, (sha, size) in sorted(files.items())],
+    }
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(rec, indent=2))
+        tmp.replace(path)
+    except OSError as e:
+        log.warning("%s: cannot record the sha256 list of %s (%s)", path, uri, e.strerror)
 
 
 def resolve_model_path(path_or_uri: str | os.PathLike) -> Path:
@@ -523,17 +642,32 @@ def resolve_model_path(path_or_uri: str | os.PathLike) -> Path:
 
 
 def _local_files(root: Path) -> list[str]:
+    """The files to publish under ``root`` (relative paths), refusing anything that is not a regular
+    file inside it: a symlink that resolves outside ``root`` (or to a directory), a FIFO, a device."""
+    real_root = root.resolve()
     out = []
-    for p in sorted(root.rglob("*")):
-        if p.is_dir():
-            continue
-        rel = p.relative_to(root).as_posix()
-        if rel == RECORD or p.name.endswith(".part"):
-            continue
-        if not p.is_file():
-            raise StorageError(f"{p}: not a regular file; refusing to publish it")
-        out.append(safe_relpath(rel, str(p)))
-    return out
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        d = Path(dirpath)
+        for name in sorted(dirnames + filenames):
+            p = d / name
+            rel = p.relative_to(root).as_posix()
+            if p.is_symlink():
+                target = p.resolve()
+                if not target.is_relative_to(real_root):
+                    raise StorageError(
+                        f"{p}: a symlink to {os.readlink(p)} outside {root}; refusing to publish it "
+                        "(copy the file into the directory if it belongs there)"
+                    )
+                if target.is_dir():
+                    raise StorageError(f"{p}: a symlink to a directory; refusing to publish it")
+            elif name in dirnames:
+                continue
+            if rel == RECORD or name.endswith(".part"):
+                continue
+            if not p.is_file():
+                raise StorageError(f"{p}: not a regular file; refusing to publish it")
+            out.append(safe_relpath(rel, str(p)))
+    return sorted(out)
 
 
 def publish(

@@ -27,7 +27,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -58,16 +58,19 @@ def _wait_http(url: str, proc: subprocess.Popen | None, timeout: float, what: st
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             tail = log.read_text()[-2000:] if log and log.exists() else ""
-            raise RuntimeError(f"{what} exited with code {proc.returncode} while starting:\n{tail}")
+            raise _ExitedWhileStarting(f"{what} exited with code {proc.returncode} while starting:\n{tail}")
         try:
             with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status < 500:
-                    return
+                answered = r.status < 500
         except urllib.error.HTTPError as e:
-            if e.code < 500:
-                return
+            answered = e.code < 500
         except OSError:
-            pass
+            answered = False
+        if answered:
+            time.sleep(0.2)  # a server that lost its port exits at once: not fooled by whoever holds it
+            if proc is not None and proc.poll() is not None:
+                raise _ExitedWhileStarting(f"{what} exited with code {proc.returncode}; {url} is someone else's")
+            return
         time.sleep(0.25)
     tail = log.read_text()[-2000:] if log and log.exists() else ""
     raise RuntimeError(f"{what} did not answer at {url} within {timeout:.0f} s:\n{tail}")
@@ -96,24 +99,46 @@ def stop_pid(pid: int, timeout: float = 5.0) -> None:
             time.sleep(0.1)
 
 
+def _start_on_a_port(
+    port: int | None, start: Callable[[int], tuple[subprocess.Popen, str]], attempts: int = 5
+) -> tuple[subprocess.Popen, str]:
+    """``start(port)`` on ``port``, or on a free port, retried on a new one when the server exits
+    while starting: a port found free can be taken by another process before the server binds it."""
+    for attempt in range(attempts):
+        p = port or free_port()
+        try:
+            return start(p)
+        except _ExitedWhileStarting:
+            if port is not None or attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+class _ExitedWhileStarting(RuntimeError):
+    """The server process ended before it answered (e.g. its port was taken)."""
+
+
 def start_moto(port: int | None = None, log: Path | None = None) -> tuple[subprocess.Popen, str]:
     """Start ``python -m moto.server`` on 127.0.0.1; returns (process, endpoint url)."""
-    port = port or free_port()
-    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - handed to the child
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        env={**os.environ, **DUMMY_AWS},
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_http(url + "/moto-api/", proc, 60, "moto server", log)
-    except BaseException:
-        stop_pid(proc.pid)
-        raise
-    return proc, url
+
+    def start(port: int) -> tuple[subprocess.Popen, str]:
+        out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - handed to the child
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, **DUMMY_AWS},
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            _wait_http(url + "/moto-api/", proc, 60, "moto server", log)
+        except BaseException:
+            stop_pid(proc.pid)
+            raise
+        return proc, url
+
+    return _start_on_a_port(port, start)
 
 
 def create_bucket(endpoint: str, bucket: str) -> None:
@@ -137,8 +162,10 @@ def start_mlflow(
 ) -> tuple[subprocess.Popen, str]:
     """Start ``mlflow server`` (SQLite backend, artifacts proxied to the moto bucket)."""
     create_bucket(s3_endpoint, MLFLOW_BUCKET)
-    port = port or free_port()
-    db = db or workdir / "mlflow.db"
+    return _start_on_a_port(port, lambda p: _start_mlflow(s3_endpoint, workdir, p, db or workdir / "mlflow.db"))
+
+
+def _start_mlflow(s3_endpoint: str, workdir: Path, port: int, db: Path) -> tuple[subprocess.Popen, str]:
     log = workdir / f"mlflow-{port}.log"
     env = {
         **os.environ,

@@ -8,6 +8,7 @@ assertions read the rendered manifests.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -137,7 +138,9 @@ def test_security_settings_on_every_pod(rendered):
                 res = c.get("resources", {})
                 for kind in ("requests", "limits"):
                     assert {"cpu", "memory"} <= set(res.get(kind, {})), f"{cw}: {kind} for cpu and memory"
-                assert re.fullmatch(r"[^:@]+(:[\w.-]+)", c["image"].rsplit("/", 1)[-1]), f"{cw}: pinned tag"
+                assert re.fullmatch(r"[^:@]+(:[\w.-]+|@sha256:[0-9a-f]{64})", c["image"].rsplit("/", 1)[-1]), (
+                    f"{cw}: pinned tag or digest"
+                )
                 assert not c["image"].endswith(":latest"), cw
         ns = by_kind(docs, "Namespace")[f"seme-{overlay}"]
         assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
@@ -158,7 +161,7 @@ def test_pipeline_runner_rbac_is_least_privilege(rendered):
             if "secrets" in rule["resources"] or "configmaps" in rule["resources"]:
                 assert rule.get("resourceNames"), f"{overlay}: secrets/configmaps only by name: {rule}"
         secret_rules = [r for r in role["rules"] if "secrets" in r["resources"]]
-        assert [r["resourceNames"] for r in secret_rules] == [["seme-s3"]]
+        assert [sorted(r["resourceNames"]) for r in secret_rules] == [["seme-mlflow-auth", "seme-s3"]]
         rb = by_kind(docs, "RoleBinding")["seme-pipeline-runner"]
         assert rb["roleRef"] == {
             "apiGroup": "rbac.authorization.k8s.io",
@@ -192,16 +195,89 @@ def test_network_policies_deny_by_default(rendered):
                 )
 
 
+def test_mlflow_requires_authentication_and_only_the_pipeline_account_writes(rendered):
+    for overlay, docs in rendered.items():
+        pod = by_kind(docs, "Deployment")["seme-mlflow"]["spec"]["template"]["spec"]
+        c = pod["containers"][0]
+        script = " ".join(c["command"] + c["args"])
+        assert "mlflow server --app-name basic-auth" in script, overlay
+        assert "default_permission = READ" in script  # everyone else may only read
+        env = {e["name"]: e for e in c["env"]}
+        for var, key in (("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_TRACKING_USERNAME"),
+                         ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_TRACKING_PASSWORD"),
+                         ("MLFLOW_FLASK_SERVER_SECRET_KEY", "MLFLOW_FLASK_SERVER_SECRET_KEY")):  # fmt: skip
+            assert env[var]["valueFrom"]["secretKeyRef"] == {"name": "seme-mlflow-auth", "key": key}, var
+        assert "value" not in env["MLFLOW_AUTH_ADMIN_PASSWORD"], "the password comes from the Secret only"
+        # the auth config is written at start into the emptyDir, never into a ConfigMap
+        assert env["MLFLOW_AUTH_CONFIG_PATH"]["value"].startswith("/tmp/")
+        assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
+        assert not any("basic_auth" in str(d) for d in docs if d["kind"] == "ConfigMap")
+        # the probes stay unauthenticated (/health is open in MLflow's auth app)
+        assert c["readinessProbe"]["httpGet"]["path"] == "/health"
+    # the pipeline's credentials: its runner may read them (RBAC), its register/record-status
+    # steps get them as MLFLOW_TRACKING_USERNAME/PASSWORD (tests/test_pipeline.py)
+    from pipelines.merge import ClusterOptions
+
+    assert ClusterOptions().mlflow_secret == "seme-mlflow-auth"
+
+
+def test_egress_is_denied_by_default_with_named_allowances(rendered):
+    for overlay, docs in rendered.items():
+        np = by_kind(docs, "NetworkPolicy")
+        deny = np["default-deny-egress"]["spec"]
+        assert deny == {"podSelector": {}, "policyTypes": ["Egress"]}, overlay
+        dns = np["allow-dns-egress"]["spec"]
+        assert dns["podSelector"] == {} and {p["port"] for r in dns["egress"] for p in r["ports"]} == {53}
+        steps = np["seme-pipeline-steps"]["spec"]
+        assert steps["podSelector"] == {
+            "matchExpressions": [{"key": "workflows.argoproj.io/workflow", "operator": "Exists"}]
+        }
+        allowed = {}
+        for rule in steps["egress"]:
+            dests = [
+                (t.get("podSelector") or {}).get("matchLabels", {}).get("app.kubernetes.io/name")
+                or (t.get("namespaceSelector") or {}).get("matchLabels", {}).get("kubernetes.io/metadata.name")
+                for t in rule.get("to", [{}])
+            ]
+            for d in dests:
+                allowed.setdefault(d, set()).update(p["port"] for p in rule["ports"])
+        assert allowed["seme-mlflow"] == {5000} and allowed["seme-minio"] == {9000}
+        assert {8887, 8888} <= allowed["kubeflow"]  # the KFP API
+        assert allowed[None] == {443, 6443}  # S3 over TLS and the Kubernetes API: no plain-text egress
+        # nothing but MLflow reaches PostgreSQL; PostgreSQL itself reaches nothing
+        assert np["seme-postgres"]["spec"]["egress"] == []
+        mlflow_egress = {p["port"] for r in np["seme-mlflow"]["spec"]["egress"] for p in r["ports"]}
+        assert mlflow_egress == {53, 5432, 9000, 443}
+
+
+def test_images_can_be_pinned_by_digest(tmp_path):
+    """An overlay on prod that sets ``digest:`` renders every seme container as ``image@sha256:…``."""
+    digest = "sha256:" + "ab" * 32
+    (tmp_path / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources: [{os.path.relpath(INFRA / 'k8s' / 'overlays' / 'prod', tmp_path)}]\n"
+        f"images:\n  - name: ghcr.io/seme-project/seme\n    digest: {digest}\n"
+    )
+    out = subprocess.run(
+        [kubectl(), "kustomize", "--load-restrictor", "LoadRestrictionsNone", str(tmp_path)],
+        check=False, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    images = [c["image"] for _, spec in pod_specs(docs) for c in spec["containers"] if "seme-project" in c["image"]]
+    assert images and set(images) == {f"ghcr.io/seme-project/seme@{digest}"}
+
+
 def test_no_real_secrets(rendered):
     dev = by_kind(rendered["dev"], "Secret")
-    assert set(dev) == {"seme-postgres", "seme-s3"}
+    assert set(dev) == {"seme-postgres", "seme-s3", "seme-mlflow-auth"}
     for s in dev.values():
         assert s["metadata"]["labels"]["seme.io/dev-only"] == "true"
     assert not by_kind(rendered["prod"], "Secret"), "prod secrets are created out of band, never rendered"
     tmpl = list(
         yaml.safe_load_all((INFRA / "k8s" / "overlays" / "prod" / "secrets.template.yaml").read_text())
     )
-    assert {t["metadata"]["name"] for t in tmpl} == {"seme-postgres", "seme-s3"}
+    assert {t["metadata"]["name"] for t in tmpl} == {"seme-postgres", "seme-s3", "seme-mlflow-auth"}
     for t in tmpl:
         for k, v in t["stringData"].items():
             if "PASSWORD" in k or "SECRET" in k or "KEY_ID" in k:

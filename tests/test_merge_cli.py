@@ -221,21 +221,51 @@ def test_existing_output_needs_overwrite(tmp_path, tiny_model, capsys):
     rc, _, err = _run(capsys, "merge", cfg, out)
     _assert_one_line_error(rc, err, "already exists", "--overwrite")
     assert (out / "keep.txt").read_text() == "mine"
-    assert _run(capsys, "merge", cfg, out, "--overwrite")[0] == 0
-    assert (out / "model.safetensors").exists() and not (out / "keep.txt").exists()
+    # --overwrite replaces only a finished seme output, never a user's directory
+    rc, _, err = _run(capsys, "merge", cfg, out, "--overwrite")
+    _assert_one_line_error(rc, err, str(out), "not a finished seme output")
+    assert (out / "keep.txt").read_text() == "mine"
+    out2 = tmp_path / "out2"
+    assert _run(capsys, "merge", cfg, out2)[0] == 0
+    (out2 / "extra.txt").write_text("from the first run")
+    assert _run(capsys, "merge", cfg, out2, "--overwrite")[0] == 0
+    assert (out2 / "model.safetensors").exists() and not (out2 / "extra.txt").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
-def test_unwritable_output_dir_nonroot(tmp_path, tiny_model, capsys):
-    a = tiny_model("a")
+@pytest.fixture
+def unwritable_dir(tmp_path):
+    """A directory this process cannot write into, even as root: permission bits for a normal user;
+    as root (CI), a read-only tmpfs mount, else an immutable directory (chattr +i); skipped only when
+    neither is permitted."""
     ro = tmp_path / "ro"
     ro.mkdir()
-    ro.chmod(0o500)
-    rc, _, err = _run(capsys, "merge", _cfg(tmp_path, "linear", [a]), ro / "out")
-    _assert_one_line_error(rc, err, "not writable")
+    if os.geteuid() != 0:
+        ro.chmod(0o500)
+        yield ro
+        ro.chmod(0o700)
+        return
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(ro)], capture_output=True,
+                      check=False).returncode == 0:
+        yield ro
+        subprocess.run(["umount", "-l", str(ro)], check=False)
+        return
+    if subprocess.run(["chattr", "+i", str(ro)], capture_output=True, check=False).returncode == 0:
+        yield ro
+        subprocess.run(["chattr", "-i", str(ro)], check=False)
+        return
+    pytest.skip("as root, neither a read-only tmpfs mount nor chattr +i is permitted here")
 
 
-def test_unwritable_output_dir(tmp_path, tiny_model, capsys):
+def test_unwritable_output_dir(tmp_path, tiny_model, capsys, unwritable_dir):
+    a = tiny_model("a")
+    assert not os.access(unwritable_dir, os.W_OK)
+    rc, _, err = _run(capsys, "merge", _cfg(tmp_path, "linear", [a]), unwritable_dir / "out")
+    _assert_one_line_error(rc, err, "not writable", str(unwritable_dir))
+    assert list(unwritable_dir.iterdir()) == []
+
+
+def test_output_parent_is_a_file(tmp_path, tiny_model, capsys):
     # Root ignores permission bits, so use a path whose parent is a regular file: not writable as a dir.
     a = tiny_model("a")
     blocker = tmp_path / "file"

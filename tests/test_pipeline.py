@@ -99,13 +99,18 @@ def test_compile_gpu_request_node_selector_and_toleration_on_align(merge_ir):
         assert ("accelerator" in r) == (name == "comp-compute-alignment"), name
         assert container(spec, name)["image"] == "ghcr.io/seme-project/seme:0.1.0"
         assert "nodeSelector" not in k8s[comp.executor_label] or name == "comp-compute-alignment"
-    # S3 credentials come from the secret, only where S3 is touched
-    with_secret = {e for e, cfg in k8s.items() if "secretAsEnv" in cfg}
+    # S3 credentials come from the S3 secret, only where S3 is touched; the MLflow account's only
+    # where the registry is written (register, the exit handler)
+    def with_secret(name: str) -> set[str]:
+        return {e for e, cfg in k8s.items() if any(s["secretName"] == name for s in cfg.get("secretAsEnv", []))}
+
     s3_steps = [
         c for c in spec.components if c.startswith(("comp-fetch-checkpoint", "comp-merge-checkpoints"))
     ]
     assert len(s3_steps) == 3  # fetch (sources), fetch (base), merge (publishes)
-    assert with_secret == {executor_of(spec, c) for c in s3_steps}
+    assert with_secret("seme-s3") == {executor_of(spec, c) for c in s3_steps}
+    mlflow_steps = [c for c in spec.components if c.startswith(("comp-register-model", "comp-record-status"))]
+    assert mlflow_steps and with_secret("seme-mlflow-auth") == {executor_of(spec, c) for c in mlflow_steps}
 
 
 def test_compile_structure_exit_handler_loop_and_condition(merge_ir):

@@ -116,7 +116,7 @@ def ensure_models(scale: str, root: Path, log=print) -> dict[str, Path]:
     plan = tensor_plan(cfg)
     log(f"generating llama-{scale} base + {len(VARIANTS)} variants in {final} (once; cached)")
     root.mkdir(parents=True, exist_ok=True)
-    with atomic_dir(final, overwrite=True) as tmp:
+    with atomic_dir(final, overwrite=True, markers=None) as tmp:  # seme's own cache dir
         writers = {}
         for n in names:
             (tmp / n).mkdir()

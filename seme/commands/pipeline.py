@@ -107,6 +107,44 @@ def _experts(items: list[str]) -> dict[str, str]:
     return out
 
 
+_K8S_NAME = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
+
+
+def _k8s_name(value: str, flag: str) -> str:
+    """A Kubernetes object name (DNS-1123 subdomain: lowercase letters, digits, '-', '.'; ≤ 253)."""
+    import re
+
+    from seme.errors import ConfigError
+
+    if not value or len(value) > 253 or not re.fullmatch(_K8S_NAME, value):
+        raise ConfigError(
+            f"{flag} {value!r}: not a Kubernetes object name (lowercase letters, digits, '-' and '.', "
+            "starting and ending with a letter or digit, at most 253 characters)"
+        )
+    return value
+
+
+def _check_run(args: argparse.Namespace) -> None:
+    """Everything a run needs that can be checked here, before the first expensive step (fetch)."""
+    from seme.errors import ConfigError
+    from seme.evaluation import get_suite
+    from seme.gates import load_policy
+    from seme.storage import parse_uri
+
+    get_suite(args.suite)
+    if args.limit < 0:
+        raise ConfigError(f"--limit {args.limit}: must be 0 (all items) or a positive number")
+    if args.policy:
+        _read(args.policy, "gate policy")
+        load_policy(args.policy)
+    if not args.name.strip():
+        raise ConfigError("--name: the registered model name is empty")
+    for flag in ("output_uri", "inputs_uri"):
+        if getattr(args, flag, None) is not None:
+            parse_uri(getattr(args, flag))
+    _experts(args.expert)
+
+
 def _config_dict(path: str) -> dict:
     import yaml
 
@@ -121,6 +159,8 @@ def _config_dict(path: str) -> dict:
 
 
 def run_compile(args: argparse.Namespace) -> int:
+    _k8s_name(args.config_map, "--config-map")
+    _k8s_name(args.s3_secret, "--s3-secret")
     from pipelines.compile import compile_pipeline
     from pipelines.merge import ClusterOptions
 
@@ -144,8 +184,10 @@ def run_local(args: argparse.Namespace) -> int:
     from pipelines.local import print_summary
     from pipelines.local import run_local as run
 
+    _check_run(args)
+    cfg = _config_dict(args.config)
     summary = run(
-        _config_dict(args.config),
+        cfg,
         workdir=args.workdir or Path(tempfile.mkdtemp(prefix="seme-pipeline-")),
         suite=args.suite,
         limit=args.limit,
@@ -161,7 +203,11 @@ def run_local(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2, default=str))
     else:
         print_summary(summary)
-    return 0 if summary["status"] == "SUCCEEDED" else 1
+    if summary["status"] != "SUCCEEDED":
+        from seme.errors import PipelineError
+
+        raise PipelineError(f"pipeline run {summary['status'].lower()}: {summary.get('error') or 'see ' + summary['log']}")
+    return 0
 
 
 def run_schedule(args: argparse.Namespace) -> int:
@@ -174,6 +220,8 @@ def run_schedule(args: argparse.Namespace) -> int:
     from seme.storage import is_s3_uri
 
     check_cron(args.cron)
+    _check_run(args)
+    _k8s_name(args.service_account, "--service-account")
     cfg = _config_dict(args.config)
     refs = [m["model"] for m in cfg["models"]] + ([cfg["base_model"]] if cfg.get("base_model") else [])
     local = [r for r in refs if not is_s3_uri(str(r))]

@@ -22,7 +22,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--name", default="seme-merged", help="registered model name (default seme-merged)")
     p.add_argument("--metrics", help="metrics JSON or metrics bundle to log (merged + parents)")
-    p.add_argument("--gate", help="gate_result.json of `seme gate` (no pilot alias without a passed gate)")
+    p.add_argument(
+        "--gate",
+        help="gate_result.json of `seme gate --model-dir MODEL_DIR` (no pilot alias without a passed gate; "
+        "refused unless it judged this very checkpoint)",
+    )
     p.add_argument("--alignment", help="SeMe alignment directory (alignment.json + plots) to log")
     p.add_argument("--run-id", help="register into this existing run instead of logging a new one")
     p.add_argument("--pipeline-run", help="pipeline run id (tag seme.pipeline_run)")
@@ -49,6 +53,7 @@ def run_register(args: argparse.Namespace) -> int:
     import json
 
     from seme.errors import ConfigError
+    from seme.gates import verify_gate_binding
     from seme.registry import aliases, gate_passed, log_merge_run, register_model
 
     tags = {}
@@ -57,6 +62,8 @@ def run_register(args: argparse.Namespace) -> int:
         if not sep or not k:
             raise ConfigError(f"--tag {t!r}: expected KEY=VALUE")
         tags[k] = v
+    if args.gate:  # the verdict must be about this checkpoint: checked before anything is logged
+        verify_gate_binding(args.gate, args.model_dir)
     ok = gate_passed(args.gate) if args.gate else False
     run_id = args.run_id or log_merge_run(
         args.model_dir,

@@ -52,28 +52,45 @@ def read_vocab(path: Path) -> dict[str, int] | None:
     Only the JSON is parsed (no tokenizer library, no text): the strings identify tokens across
     checkpoints whose tokenizers differ.
     """
+    from seme.checkpoint import read_json
+
     tj = path / "tokenizer.json"
-    if tj.is_file():
-        try:
-            data = json.loads(tj.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise AlignmentError(f"{tj}: invalid tokenizer JSON ({e})") from None
-        vocab = (data.get("model") or {}).get("vocab")
+    if os.path.lexists(tj):
+        data = read_json(tj, AlignmentError, "tokenizer JSON")
+        model = data.get("model") if isinstance(data, dict) else None
+        vocab = model.get("vocab") if isinstance(model, dict) else None
         out: dict[str, int] = {}
-        if isinstance(vocab, dict):
-            out.update({str(k): int(v) for k, v in vocab.items()})
-        elif isinstance(vocab, list):  # Unigram: [[piece, score], ...]
-            out.update({str(p[0]): i for i, p in enumerate(vocab)})
-        for tok in data.get("added_tokens") or []:
-            out[str(tok["content"])] = int(tok["id"])
+        try:
+            if isinstance(vocab, dict):
+                out.update({str(k): _token_id(v) for k, v in vocab.items()})
+            elif isinstance(vocab, list):  # Unigram: [[piece, score], ...]
+                for i, p in enumerate(vocab):
+                    if not isinstance(p, list) or not p or not isinstance(p[0], str):
+                        raise ValueError(f"vocab entry {i} is {p!r}, not [piece, score]")
+                    out[p[0]] = i
+            elif vocab is not None:
+                raise ValueError(f"model.vocab is a {type(vocab).__name__}")
+            for tok in data.get("added_tokens") or []:
+                out[str(tok["content"])] = _token_id(tok["id"])
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise AlignmentError(f"{tj}: invalid tokenizer vocabulary ({e})") from None
         return out or None
     vj = path / "vocab.json"
-    if vj.is_file():
+    if os.path.lexists(vj):
+        data = read_json(vj, AlignmentError, "vocab JSON")
         try:
-            return {str(k): int(v) for k, v in json.loads(vj.read_text(encoding="utf-8")).items()}
-        except (json.JSONDecodeError, UnicodeDecodeError, ValueError, AttributeError) as e:
+            if not isinstance(data, dict):
+                raise TypeError(f"a {type(data).__name__}, not an object of token -> id")
+            return {str(k): _token_id(v) for k, v in data.items()}
+        except (ValueError, TypeError) as e:
             raise AlignmentError(f"{vj}: invalid vocab JSON ({e})") from None
     return None
+
+
+def _token_id(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(f"token id {v!r} is not a non-negative integer")
+    return v
 
 
 def vocab_mapping(anchor: Checkpoint, va: int, model: Checkpoint, vm: int) -> tuple[torch.Tensor | None, dict]:
@@ -507,14 +524,18 @@ def align(config: Any, out_dir: str | os.PathLike, device: str = "cpu", overwrit
     """Compute the alignment artifact for a SeMe merge config into ``out_dir`` (atomic). Data-free."""
     from seme.checkpoint import open_checkpoint
     from seme.config import MergeConfig, load_config
-    from seme.fsutil import atomic_dir
+    from seme.fsutil import atomic_dir, check_out_dir, clean_stale_temps
 
     cfg = config if isinstance(config, MergeConfig) else load_config(config)
     if cfg.merge_method != "seme":
         raise ConfigError(f"seme align needs merge_method: seme, the config has {cfg.merge_method!r}")
+    protect = [cfg.base_model, *(m.model for m in cfg.models),
+               config if isinstance(config, (str, os.PathLike)) else None]
+    clean_stale_temps(check_out_dir(out_dir, overwrite, protect=protect).parent)  # fail fast
     sources = [open_checkpoint(m.model, allow_pickle=allow_pickle) for m in cfg.models]
     base = open_checkpoint(cfg.base_model, allow_pickle=allow_pickle) if cfg.base_model else None
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    protect += [ck.path for ck in [*sources, *([base] if base else [])]]
+    with atomic_dir(out_dir, overwrite=overwrite, protect=protect) as tmp:
         al = compute_alignment(cfg, sources, base, device=device)
         write_alignment(al, tmp)
     return Path(out_dir).absolute()

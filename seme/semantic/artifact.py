@@ -65,12 +65,17 @@ def model_sha256(ckpt: Checkpoint) -> dict[str, str]:
 
 def write_alignment(alignment: Alignment, out: Path) -> None:
     """Write alignment.json, alignment.safetensors and the two heatmaps into ``out``."""
-    from safetensors.torch import save_file
+    import hashlib
+
+    from safetensors.torch import save
 
     out.mkdir(parents=True, exist_ok=True)
+    raw = save({k: v.contiguous() for k, v in alignment.tensors.items()},
+               metadata={"format": "seme-alignment", "format_version": str(FORMAT_VERSION)})
+    (out / "alignment.safetensors").write_bytes(raw)
+    # the tensors' digest, checked on load: a changed alignment.safetensors is refused, not half-used
+    alignment.meta["tensors_sha256"] = hashlib.sha256(raw).hexdigest()
     (out / "alignment.json").write_text(json.dumps(alignment.meta, indent=2))
-    save_file({k: v.contiguous() for k, v in alignment.tensors.items()}, str(out / "alignment.safetensors"),
-              metadata={"format": "seme-alignment", "format_version": str(FORMAT_VERSION)})
     plot_heatmaps(alignment.meta, out)
 
 
@@ -115,15 +120,46 @@ def load_alignment(path: str | os.PathLike) -> Alignment:
         meta = json.loads(js.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AlignmentError(f"{js}: invalid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise AlignmentError(f"{js}: not a JSON object")
     if meta.get("format_version") != FORMAT_VERSION:
         raise AlignmentError(f"{js}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
+    want = meta.get("tensors_sha256")
+    if not isinstance(want, str):
+        raise AlignmentError(f"{js}: no tensors_sha256 recorded; re-run `seme align` to make a verifiable artifact")
+    from seme.fsutil import sha256_file
+
+    if sha256_file(st) != want:
+        raise AlignmentError(f"{st}: sha256 does not match the one in alignment.json (modified or corrupt)")
     try:
         tensors = load_file(str(st))
     except Exception as e:  # noqa: BLE001 - safetensors raises several unrelated types
         raise AlignmentError(f"{st}: corrupt alignment tensors ({e})") from None
     if "tokens" not in tensors:
         raise AlignmentError(f"{st}: missing the token subset")
+    _check_alignment_shapes(meta, tensors, js)
     return Alignment(meta=meta, tensors=tensors)
+
+
+def _check_alignment_shapes(meta: dict[str, Any], tensors: dict[str, torch.Tensor], js: Path) -> None:
+    """The structure ``Alignment.model_alignment`` relies on, so a bad artifact fails here, in one line."""
+    models = meta.get("models")
+    rot = meta.get("rotation")
+    if not isinstance(models, dict) or not isinstance(rot, dict) or not {"applied", "fold_final"} <= set(rot):
+        raise AlignmentError(f"{js}: missing or malformed 'models'/'rotation'")
+    for key, m in models.items():
+        if not isinstance(m, dict):
+            raise AlignmentError(f"{js}: models.{key} is not an object")
+        for kind in ("mlp", "attn"):
+            layers = m.get(f"{kind}_permuted_layers", [])
+            if not isinstance(layers, list):
+                raise AlignmentError(f"{js}: models.{key}.{kind}_permuted_layers is not a list")
+            for layer in layers:
+                t = tensors.get(f"{kind}_perm.{key}.{layer}")
+                if t is None or t.dim() != 1 or t.is_floating_point() or t.dtype == torch.bool:
+                    raise AlignmentError(f"{js}: permutation {kind}_perm.{key}.{layer} is missing or malformed")
+                if not torch.equal(torch.sort(t).values, torch.arange(t.numel())):
+                    raise AlignmentError(f"{js}: {kind}_perm.{key}.{layer} is not a permutation")
 
 
 

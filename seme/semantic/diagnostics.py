@@ -93,6 +93,9 @@ def data_free_report(model_dir: str | os.PathLike, sources: list[str | os.PathLi
         for f in ("family", "hidden_size", "num_layers", "vocab_size"):
             if getattr(a, f) != getattr(arch, f):
                 raise EvalError(f"{s.path}: {f} {getattr(a, f)!r} differs from {merged.path}'s {getattr(arch, f)!r}")
+    from seme.merge import check_compatible  # same tensor names and shapes, or one clear error
+
+    check_compatible([merged, *srcs])
 
     def prepare(ck: Checkpoint) -> tuple[ModelView, Any]:
         lay = Layout(ck.architecture, ck.names)

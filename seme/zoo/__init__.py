@@ -242,7 +242,7 @@ def _build_locked(zdir: Path, name: str, recipe: ZooRecipe, base: str | Path | N
                    "train_items": len(train) if train is not None else len(texts or {}),
                    "threads": torch.get_num_threads(), **stats,
                    "wall_s": round(time.perf_counter() - t0, 1)}
-            with atomic_dir(edir, overwrite=True) as tmp:
+            with atomic_dir(edir, overwrite=True, markers=None) as tmp:  # seme's own cache dir
                 zbase.save_hf(model, tok, tmp, recipe.base_dtype)
                 _write_json(tmp / "expert.json", rec)
             del model

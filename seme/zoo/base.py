@@ -122,7 +122,7 @@ def load_any_causal(path: Path, dtype: str = "float32") -> tuple[Any, Any, dict[
 def prepare_base(source: Path, out: Path, dtype: str = "bfloat16") -> dict[str, Any]:
     """Convert ``source`` (GGUF or HF dir) into an HF safetensors dir ``out``; return source info."""
     model, tok, info = load_any_causal(source)
-    with atomic_dir(out, overwrite=True) as tmp:
+    with atomic_dir(out, overwrite=True, markers=None) as tmp:  # seme's own cache dir
         save_hf(model, tok, tmp, dtype)
         (tmp / "source.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
@@ -189,7 +189,7 @@ def build_tiny_base(out: Path, seed: int = 0, steps: int = 500, threads: int | N
             "train_tokens": len(ids), "data_sha256": data.data_hash(texts), "vocab_size": len(tok),
             "loss_first": losses[0], "loss_last": sum(losses[-20:]) / 20,
             "train_s": round(time.perf_counter() - t0, 1)}
-    with atomic_dir(out, overwrite=True) as tmp:
+    with atomic_dir(out, overwrite=True, markers=None) as tmp:  # seme's own cache dir
         save_hf(model, tok, tmp, "float32")
         (tmp / "source.json").write_text(json.dumps(info, indent=2) + "\n")
     return info

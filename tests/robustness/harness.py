@@ -56,6 +56,35 @@ def run_seme(argv: list[str], *, cwd: Path | None = None, env: dict[str, str] | 
     return Result([str(a) for a in argv], p.returncode, p.stdout, p.stderr)
 
 
+def run_seme_inproc(argv: list[str], *, cwd: Path | None = None) -> Result:
+    """``seme.cli.main(ARGV)`` in this process, stdout/stderr captured: for cases that only parse and
+    validate (≈100x cheaper than a process). An exception escaping ``main`` is what a process would
+    have printed as a traceback, so it lands in ``stderr`` as one (and fails ``assert_clean_failure``).
+    Kills, signals and races need :func:`run_seme`."""
+    import contextlib
+    import io
+    import traceback
+
+    from seme.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    old = os.getcwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                rc = main([str(a) for a in argv])
+            except SystemExit as e:  # argparse
+                rc = e.code if isinstance(e.code, int) else 1
+            except BaseException:  # noqa: BLE001 - reported like the interpreter would
+                err.write(traceback.format_exc())
+                rc = 1
+    finally:
+        os.chdir(old)
+    return Result([str(a) for a in argv], rc, out.getvalue(), err.getvalue())
+
+
 def snapshot(*roots: Path) -> dict[str, str]:
     """sha256 of every file (and the target of every symlink) under ``roots``: compare before/after."""
     out: dict[str, str] = {}
@@ -113,3 +142,20 @@ def assert_clean_failure(r: Result, *, names: str | list[str] | None = None, out
         changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
         assert not changed, f"files changed or removed by a failed run: {changed[:10]}\n{r}"
     return line
+
+
+def try_mount_tmpfs(where: Path, size: str, *, ro: bool = False) -> str | None:
+    """Mount a tmpfs of ``size`` at ``where`` (e.g. a small disk to fill); None on success, else why
+    not (not root, no ``mount`` permission in this container) for a ``pytest.skip``. Unmount with
+    :func:`umount`."""
+    if os.geteuid() != 0:
+        return "mounting a tmpfs needs root"
+    Path(where).mkdir(parents=True, exist_ok=True)
+    opts = f"size={size}" + (",ro" if ro else "")
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)], capture_output=True, text=True,
+                       check=False)
+    return None if p.returncode == 0 else f"mount -t tmpfs not permitted here: {p.stderr.strip()[:200]}"
+
+
+def umount(where: Path) -> None:
+    subprocess.run(["umount", "-l", str(where)], capture_output=True, check=False)
