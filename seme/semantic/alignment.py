@@ -22,7 +22,6 @@ Part of the method: *semantics-preservative transformations* (estimation).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -525,7 +524,9 @@ def align(config: Any, out_dir: str | os.PathLike, device: str = "cpu", overwrit
     from seme.checkpoint import open_checkpoint
     from seme.config import MergeConfig, load_config
     from seme.fsutil import atomic_dir, check_out_dir, clean_stale_temps
+    from seme.merge import limit_heap_retention
 
+    limit_heap_retention()  # freed per-layer tensors leave RSS, as in a merge
     cfg = config if isinstance(config, MergeConfig) else load_config(config)
     if cfg.merge_method != "seme":
         raise ConfigError(f"seme align needs merge_method: seme, the config has {cfg.merge_method!r}")
