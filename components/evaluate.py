@@ -1,4 +1,4 @@
-"""Evaluate the merged model and its parents on one suite; write the gate's metrics bundle."""
+"""Evaluate the merged model and its parents on one suite or task file; write the gate's metrics bundle."""
 
 from kfp import dsl
 from kfp.dsl import Artifact, Input, Metrics, Model, Output
@@ -17,21 +17,31 @@ def evaluate_models(
     metrics: Output[Metrics],
     report: Output[Artifact],
     device: str = "auto",
+    tasks: str = "",
 ) -> None:
     """Run ``seme.evaluation.evaluate`` on the merged model, every source and the base.
+
+    ``tasks`` (a task file as YAML text, or its ``s3://`` URI) replaces the built-in ``suite`` when
+    given; it is checked, and its data fetched and verified, before any model is loaded.
 
     ``report`` is a directory: one metrics JSON per model (``merged.json``, ``<parent>.json``) and
     ``bundle.json``, the gate's metrics bundle (``seme.gates.make_bundle``). Parents are named
     ``base`` and by their URI's last segment; ``expert_tasks`` (``{task: source URI}``) says which
     source is the specialist of which task. ``metrics`` carries the merged model's scalars for the
-    KFP UI. Metadata: ``suite``, ``sha256``.
+    KFP UI. The report also holds ``comparison.json`` (merged − each parent per task, paired, with
+    95% CI and p-value), ``comparison.png`` (merged vs parents, CI whiskers) and the task file.
+    Metadata: ``suite``, ``sha256``.
     """
     import json
     import os
+    import shutil
 
     from components.common import artifact_digest, parent_names
     from seme.errors import ConfigError
-    from seme.evaluation import evaluate, write_metrics
+    from seme.evaluation import evaluate, open_tasks, write_metrics
+    from seme.evaluation.compare import compare_pair
+    from seme.evaluation.report import plot_models
+    from seme.evaluation.taskfile import resolve_source
     from seme.gates import make_bundle
     from seme.merge import resolve_device
 
@@ -50,9 +60,18 @@ def evaluate_models(
         experts[task] = by_uri[uri.rstrip("/")]
 
     os.makedirs(report.path, exist_ok=True)
+    if tasks.strip():
+        is_uri = tasks.strip().startswith("s3://")
+        path = resolve_source(tasks, workdir=report.path)  # YAML text: written to report/tasks.yaml
+        tf = open_tasks(task_file=path, source=tasks.strip() if is_uri else "inline", inline=not is_uri)
+        copy = os.path.join(report.path, "tasks.yaml")
+        if os.path.abspath(path) != os.path.abspath(copy):
+            shutil.copyfile(path, copy)
+    else:
+        tf = open_tasks(suite)
     results = {}
     for name, art in [("merged", merged), *parents]:
-        res = evaluate(art.path, suite, device=dev, limit=limit or None, progress=False)
+        res = evaluate(art.path, task_file=tf, device=dev, limit=limit or None, progress=False)
         res["model"] = art.metadata.get("uri") or art.path
         write_metrics(res, os.path.join(report.path, f"{name}.json"))
         results[name] = res
@@ -68,4 +87,8 @@ def evaluate_models(
     )
     with open(os.path.join(report.path, "bundle.json"), "w") as f:
         json.dump(bundle, f, indent=2)
-    report.metadata.update({"suite": suite, "sha256": artifact_digest(report.path)})
+    comparison = {n: compare_pair(results["merged"], results[n]) for n, _ in parents}
+    with open(os.path.join(report.path, "comparison.json"), "w") as f:
+        json.dump({"model": "merged", "against": comparison}, f, indent=2)
+    plot_models(results, os.path.join(report.path, "comparison.png"))
+    report.metadata.update({"suite": tf.name, "sha256": artifact_digest(report.path)})

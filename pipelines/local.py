@@ -164,6 +164,26 @@ def stage_inputs(
     return cfg, sources, base_uri, published
 
 
+def stage_task_file(tasks: str, s3_endpoint: str, inputs_uri: str = DEFAULT_INPUTS_URI) -> str:
+    """The pipeline's ``eval_tasks``: an s3:// URI or YAML text unchanged; a local task file's directory
+    published to ``<inputs_uri>/<digest[:12]>/<dir name>`` and the file's URI returned."""
+    from components.common import artifact_digest
+    from seme.storage import is_s3_uri, publish
+
+    if not tasks or is_s3_uri(tasks) or "\n" in tasks:
+        return tasks
+    p = Path(tasks).expanduser()
+    if not p.is_file():
+        from seme.errors import ConfigError
+
+        raise ConfigError(f"task file {p} does not exist")
+    d = p.resolve().parent
+    uri = f"{inputs_uri.rstrip('/')}/{artifact_digest(d)[:12]}/{d.name}"
+    _ensure_bucket(uri, s3_endpoint)
+    publish(d, uri, endpoint_url=s3_endpoint)
+    return f"{uri}/{p.name}"
+
+
 def expert_tasks_from_dirs(published: dict[str, str]) -> dict[str, str]:
     """``{task: uri}`` for published local checkpoints that say which task they are the expert of
     (``expert.json`` with a ``task`` key, as written by ``seme zoo build``)."""
@@ -224,6 +244,7 @@ def run_local(
     workdir: str | os.PathLike,
     suite: str = "zoo",
     limit: int = 0,
+    tasks: str = "",
     gate_policy: str = "",
     registered_model_name: str = "seme-merged",
     expert_tasks: dict[str, str] | None = None,
@@ -236,7 +257,9 @@ def run_local(
     """Run ``merge_pipeline`` locally; return a summary (status, merged model, metrics, gate, registry).
 
     ``merge_config`` is the config dict (local paths or s3:// URIs); ``gate_policy`` the policy YAML
-    text (empty: default policy); ``expert_tasks`` maps a task to the checkpoint (path or URI) that
+    text (empty: default policy); ``tasks`` a task file replacing ``suite``: an s3:// URI, YAML
+    text, or a local file (its directory is published to ``inputs_uri`` first, like local
+    checkpoints, so the evaluate step fetches and verifies it); ``expert_tasks`` maps a task to the checkpoint (path or URI) that
     is its specialist (default: read from the checkpoints' ``expert.json``). Step logs go to
     ``log_file`` (default: ``<workdir>/pipeline.log``).
     """
@@ -264,6 +287,7 @@ def run_local(
             "merge_config": _yaml(cfg),
             "eval_suite": suite,
             "eval_limit": int(limit),
+            "eval_tasks": stage_task_file(tasks, svc["s3_endpoint"], inputs_uri),
             "expert_tasks": experts,
             "gate_policy": gate_policy,
             "registered_model_name": registered_model_name,

@@ -137,6 +137,7 @@ def build_merge_pipeline(opts: ClusterOptions | None = None):
         base_uri: str = "",
         eval_suite: str = "zoo",
         eval_limit: int = 0,
+        eval_tasks: str = "",
         expert_tasks: dict = {},  # noqa: B006 - a KFP parameter default, never mutated
         gate_policy: str = "",
         registered_model_name: str = "seme-merged",
@@ -145,7 +146,8 @@ def build_merge_pipeline(opts: ClusterOptions | None = None):
         s3_endpoint: str = "",
     ):
         """``merge_config``/``gate_policy``: YAML text; the config names the same s3:// URIs as
-        ``source_uris``/``base_uri``. Empty endpoints: taken from the seme-config ConfigMap."""
+        ``source_uris``/``base_uri``. ``eval_tasks``: a task file (YAML text or s3:// URI) used
+        instead of ``eval_suite``. Empty endpoints: taken from the seme-config ConfigMap."""
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         final = record_status(
             mlflow_tracking_uri=mlflow_tracking_uri,
@@ -202,6 +204,7 @@ def build_merge_pipeline(opts: ClusterOptions | None = None):
                 limit=eval_limit,
                 expert_tasks=expert_tasks,
                 device="cpu",
+                tasks=eval_tasks,
             ).set_display_name("evaluate")
             _resources(ev, "2", "8Gi", "8", "32Gi")
             _settings_env(ev, opts, s3=False)

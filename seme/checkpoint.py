@@ -433,13 +433,11 @@ class Checkpoint:
 
 
 def open_checkpoint(path_or_uri: str | os.PathLike, allow_pickle: bool = False) -> Checkpoint:
-    """Open a local directory or an ``s3://`` URI (fetched, verified and cached first)."""
-    s = str(path_or_uri)
-    if s.startswith("s3://"):
-        from seme.storage import fetch  # heavy (boto3): only when needed
+    """Open any model reference (``seme.refs``): a local directory, an ``s3://`` URI (fetched,
+    verified and cached first), a Hugging Face repo id, ``base+adapter`` or a PEFT adapter dir."""
+    from seme.refs import open_ref
 
-        return Checkpoint(fetch(s), allow_pickle=allow_pickle)
-    return Checkpoint(Path(s).expanduser(), allow_pickle=allow_pickle)
+    return open_ref(str(path_or_uri), allow_pickle=allow_pickle)
 
 
 def check_finite(name: str, t: torch.Tensor, where: str) -> None:
@@ -535,7 +533,7 @@ class CheckpointWriter:
             self._hashes.append([hashlib.sha256(struct.pack("<Q", len(raw)) + raw), 0, off])
         self._written: set[str] = set()
 
-    def write(self, name: str, tensor: torch.Tensor | np.ndarray, hash: bool = True) -> None:  # noqa: A002
+    def write(self, name: str, tensor: torch.Tensor | np.ndarray, hash: bool = True) -> None:
         """Write one planned tensor: a torch tensor, or a numpy array of its raw bits (any shape,
         e.g. flat uint16 for bfloat16) whose byte size matches the plan. ``hash=False``: the caller
         hashes it with ``hash_update`` instead (e.g. on another thread, in plan order)."""

@@ -27,6 +27,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 COMMAND_MODULES = (
     "merge",
+    "validate",
     "inspect",
     "align",
     "eval",

@@ -103,6 +103,7 @@ def load_policy(path: str | os.PathLike | None = None) -> dict[str, Any]:
         "lower_is_better",
         "require_finite",
         "weights",
+        "expert_significance",
     }
     unknown = sorted(set(raw) - known)
     if unknown:
@@ -162,9 +163,80 @@ def load_policy(path: str | os.PathLike | None = None) -> dict[str, Any]:
     pol["weights"]["finite"] = w.get("finite", False)
     if w.get("max_abs") is not None:
         pol["weights"]["max_abs"] = _num(w["max_abs"], p, "weights.max_abs", lo=0.0, lo_open=True)
+    pol["expert_significance"] = _significance_policy(raw.get("expert_significance"), p)
     pol["source"] = str(p)
     pol["sha256"] = hashlib.sha256(p.read_bytes()).hexdigest()
     return pol
+
+
+# ------------------------------------------------------------------------------------------------
+# "Not significantly worse than the expert" (paired, per item)
+# ------------------------------------------------------------------------------------------------
+
+
+def _significance_policy(spec: Any, p: Path) -> dict[str, Any] | None:
+    """``expert_significance: {alpha: 0.05}`` (or ``true``): None when the policy does not ask for it."""
+    if spec in (None, False):
+        return None
+    spec = {} if spec is True else spec
+    if not isinstance(spec, dict) or set(spec) - {"alpha", "tasks"}:
+        raise ConfigError(f"gate policy {p}: expert_significance takes alpha (and optionally tasks)")
+    alpha = _num(spec.get("alpha", 0.05), p, "expert_significance.alpha", lo=0.0, hi=0.5, lo_open=True)
+    tasks = spec.get("tasks")
+    return {"alpha": alpha, "tasks": None if tasks is None else [str(t) for t in tasks]}
+
+
+def significance_rows(bundle: dict[str, Any], policy: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per expert task: the paired comparison merged − expert on the same items.
+
+    ``worse`` is 1 when the merged model is worse (in the metric's direction) with p < alpha, 0 when
+    not, and NaN when the two results cannot be paired (no per-item results, different items), which
+    fails the check: "not significantly worse" has to be shown, not assumed.
+    """
+    from seme.evaluation.stats import compare_entries
+
+    sig = policy.get("expert_significance")
+    if not sig:
+        return []
+    lower = set(policy["lower_is_better"])
+    parents = bundle.get("parents") or {}
+    rows = []
+    for task, expert in sorted((bundle.get("experts") or {}).items()):
+        if sig["tasks"] is not None and task not in sig["tasks"]:
+            continue
+        m = (bundle["merged"].get("tasks") or {}).get(task)
+        e = (parents.get(expert, {}).get("tasks") or {}).get(task)
+        row = {"check": f"significance:{task}", "task": task, "expert": expert, "alpha": sig["alpha"],
+               "diff": math.nan, "p_value": math.nan, "worse": math.nan, "reason": ""}
+        if not isinstance(m, dict) or not isinstance(e, dict):
+            row["reason"] = "task missing from the merged or the expert's metrics"
+        else:
+            try:
+                c = compare_entries(m, e, f"gate:{task}")
+            except (KeyError, ValueError, TypeError, ZeroDivisionError) as err:
+                row["reason"] = "no per-item results" if isinstance(err, KeyError) else str(err)
+            else:
+                bad = c["diff"] > 0 if str(m.get("metric", "")).lower() in lower else c["diff"] < 0
+                row.update(metric=c["metric"], diff=c["diff"], p_value=c["p_value"], test=c["test"],
+                           ci95=c["ci95"], worse=float(bad and c["p_value"] < sig["alpha"]))
+        rows.append(row)
+    return rows
+
+
+def significance_expectations(rows: list[dict[str, Any]]) -> list[tuple[str, str, Any]]:
+    import great_expectations.expectations as gxe
+    from great_expectations.expectations.row_conditions import Column
+
+    out = []
+    for r in rows:
+        cond = Column("check") == r["check"]
+        sent = (f"merged is not significantly worse than expert '{r['expert']}' on '{r['task']}' "
+                f"(paired test, alpha {_fmt(r['alpha'])})")
+        out.append((r["check"], sent, gxe.ExpectColumnValuesToBeBetween(column="worse", min_value=0, max_value=0,
+                                                                         row_condition=cond)))
+        out.append((f"{r['check']}:defined", f"per-item results of merged and expert pair up on '{r['task']}'",
+                    gxe.ExpectColumnValuesToNotBeNull(column="worse", row_condition=cond)))
+    return out
 
 
 def _mapping(raw: dict[str, Any], key: str, p: Path, prefix: str = "") -> dict[str, Any]:
@@ -534,6 +606,10 @@ def run_gate(
         ("metrics", _validate(ctx, "metrics", rows, build_expectations(rows, policy, bundle), "check"))
     ]
 
+    srows = significance_rows(bundle, policy)
+    if srows:
+        results.append(("significance", _validate(ctx, "significance", srows,
+                                                  significance_expectations(srows), "check")))
     wexps = weight_expectations(policy)
     if wexps:
         md = model_dir or bundle.get("model_dir")
@@ -545,6 +621,7 @@ def run_gate(
         results.append(("weights", _validate(ctx, "weights", wrows, wexps, "tensor")))
 
     rows_by_check = {r["check"]: r for r in rows}
+    sig_by_check = {r["check"]: r for r in srows}
     checks: list[dict[str, Any]] = []
     gx_json: list[dict[str, Any]] = []
     for name, res in results:
@@ -560,7 +637,12 @@ def run_gate(
                 "description": meta.get("description", ""),
                 "passed": ok,
             }
-            if not ok:
+            if not ok and name == "significance":
+                r = sig_by_check.get(check.removesuffix(":defined"), {})
+                item["detail"] = r.get("reason") or (
+                    f"merged − expert = {_fmt(r.get('diff'))} (95% CI {[round(x, 4) for x in r.get('ci95', [])]}), "
+                    f"p = {_fmt(r.get('p_value'))} by {r.get('test')}")
+            elif not ok:
                 item["detail"] = _explain(check, rows_by_check, er.result or {}, tensors=name == "weights")
                 if er.exception_info and er.exception_info.get("raised_exception"):
                     item["detail"] = f"expectation raised: {er.exception_info.get('exception_message')}"
@@ -573,6 +655,8 @@ def run_gate(
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         doc = {**gate.to_dict(), "table": _jsonable(rows), "bundle": where}
+        if srows:
+            doc["significance"] = _jsonable(srows)
         gate.result_path = _write_atomic(
             out / RESULT_FILE, json.dumps(_jsonable(doc), indent=2, allow_nan=False) + "\n"
         )

@@ -1,5 +1,8 @@
 """The merge executor: streams tensors from the inputs, through a method, into the output.
 
+Called as a function, this module is the API's ``seme.merge(config, out_dir, *, alignment=None,
+device="cpu", overwrite=False, allow_pickle=False, progress=False) -> MergeResult`` (``seme.api.merge``).
+
 It does all the I/O and knows nothing of methods: for each output tensor it maps that tensor from
 every input without a copy (a prefetch thread checks the next one for NaN/Inf, which also faults
 its pages in, while the current one is computed), calls the method's pure function, casts to the
@@ -28,8 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from seme.lazy import torch
+import yaml
 
 from seme import __version__, methods
 from seme.checkpoint import (
@@ -47,6 +49,8 @@ from seme.checkpoint import (
 from seme.config import MergeConfig, ParamResolver
 from seme.errors import CheckpointError, ConfigError
 from seme.fsutil import atomic_dir, check_out_dir, clean_stale_temps, sha256_file
+from seme.layout import same_source
+from seme.lazy import torch
 from seme.methods import gta
 
 HASH_CACHE_ENV = "SEME_HASH_CACHE"  # directory of cached input digests; "off" disables the cache
@@ -124,24 +128,58 @@ def _same_path(a: str, b: str) -> bool:
 
 
 def open_inputs(cfg: MergeConfig, allow_pickle: bool = False) -> tuple[list[Checkpoint], Checkpoint | None]:
-    """Open every source (and the base) and check that they are one architecture."""
-    cache: dict[str, Checkpoint] = {}
-
-    def get(p: str) -> Checkpoint:
-        for k, v in cache.items():
-            if _same_path(k, p):
-                return v
-        cache[p] = open_checkpoint(p, allow_pickle=allow_pickle)
-        return cache[p]
-
+    """Open every source (and the base) of a ``models:`` config and check that they are one
+    architecture."""
+    get = _opener(allow_pickle)
     base = get(cfg.base_model) if cfg.base_model else None
     sources = [get(m.model) for m in cfg.models]
     check_compatible(([base] if base else []) + sources)
     return sources, base
 
 
-def check_compatible(cks: list[Checkpoint]) -> None:
-    """Same model type, same hidden size, same tensor names and shapes, else a clear error."""
+def _opener(allow_pickle: bool):
+    """``get(reference) -> Checkpoint``, opening each distinct input once."""
+    cache: dict[str, Checkpoint] = {}
+
+    def get(p: str) -> Checkpoint:
+        for k, v in cache.items():
+            if k == p or _same_path(k, p):
+                return v
+        cache[p] = open_checkpoint(p, allow_pickle=allow_pickle)
+        return cache[p]
+
+    return get
+
+
+def open_layout(cfg: MergeConfig, spec: methods.MethodSpec, allow_pickle: bool = False):
+    """The executor's inputs (``seme.layout.Layout``): the plain checkpoints of a ``models:``
+    config, or the per-position views of a ``slices:`` one; vocabularies aligned when a tokenizer
+    source asks for it."""
+    from seme import layout as lay
+
+    if cfg.output_slices():
+        get = _opener(allow_pickle)
+        out = lay.plan_slices(cfg, spec, get)
+        check_compatible([ck for _, ck in out.refs], same_layers=False)
+    else:
+        sources, base = open_inputs(cfg, allow_pickle=allow_pickle)
+        anchor = base or sources[0]
+        resolver = ParamResolver(cfg, spec.global_params, spec.model_params, anchor.architecture)
+        refs = ([(cfg.base_model, base)] if base else []) + [(m.model, s) for m, s in zip(cfg.models, sources)]
+        out = lay.Layout(sources, base, refs, resolver, dict(anchor.config))
+        ts = cfg.token_source()
+        if ts not in (None, "base", "union") and not any(r == ts or _same_path(r, ts) for r, _ in refs):
+            out.refs.append((ts, _opener(allow_pickle)(ts)))
+    if cfg.token_source() is not None:
+        from seme.vocab import align_vocabularies
+
+        align_vocabularies(cfg, out)
+    return out
+
+
+def check_compatible(cks: list[Checkpoint], same_layers: bool = True) -> None:
+    """Same model type, same hidden size, same tensor names and shapes, else a clear error
+    (``same_layers=False``: only type and hidden size; slices check their layers themselves)."""
     ref = cks[0]
     ref_type = ref.config.get("model_type")
     ref_arch = ref.architecture
@@ -156,6 +194,8 @@ def check_compatible(cks: list[Checkpoint]) -> None:
                 f"{ck.path}: hidden size {ck.architecture.hidden_size} differs from {ref.path} "
                 f"({ref_arch.hidden_size})"
             )
+        if not same_layers:
+            continue
         names = set(ck.names)
         for n in ref.names:
             if n not in names:
@@ -217,11 +257,12 @@ class _InputHasher:
     def _run(self) -> None:
         seen = set()
         for uri, ck in self.cks:
-            if str(ck.path) in seen:
+            where = str(getattr(ck, "hashed_path", ck.path))  # an adapter view: the adapter's dir
+            if where in seen:
                 continue
-            seen.add(str(ck.path))
+            seen.add(where)
             files = [{"path": f.name, "sha256": cached_sha256(f), "bytes": f.stat().st_size} for f in ck.files]
-            self.result.append({"uri": uri, "local_path": str(ck.path), "files": files})
+            self.result.append({"uri": uri, "local_path": where, "files": files})
 
     def join(self) -> list[dict[str, Any]]:
         self._t.join()
@@ -248,7 +289,7 @@ def run_merge(
         files += run.write_side_files(tmp)  # config, tokenizer, SeMe's alignment as used
         seconds = time.perf_counter() - t0
         manifest = run.manifest(seconds, written, config_path)
-        _write_card_and_manifest(tmp, manifest, files, run.writer.sha256s())
+        _write_card_and_manifest(tmp, manifest, files, run.writer.sha256s(), config_path)
     run.close()
     return MergeResult(Path(out_dir), manifest, seconds, manifest["peak_rss_bytes"], len(run.plan), written,
                        run.seme_extra)
@@ -272,19 +313,17 @@ class _MergeRun:
         if spec.name != "seme" and alignment is not None:
             raise ConfigError("--alignment is only used with merge_method: seme")
         #: paths the output must never replace: the inputs, the alignment, the config
-        self.protect = [cfg.base_model, *(m.model for m in cfg.models), alignment, config_path]
+        self.protect = [*cfg.referenced_models(), alignment, config_path]
         out_path = check_out_dir(out_dir, overwrite, protect=self.protect)  # fail fast, before any work
         clean_stale_temps(out_path.parent)
-        self.sources, self.base = sources, base = open_inputs(cfg, allow_pickle=allow_pickle)
-        self.tok_src = _tokenizer_source(cfg, sources, base)
-        self.anchor = anchor = base or sources[0]
+        self.layout = layout = open_layout(cfg, spec, allow_pickle=allow_pickle)
+        self.sources, self.base, self.anchor = sources, base, anchor = layout.sources, layout.base, layout.anchor
         self.arch = anchor.architecture
         self.plan = _output_plan(anchor, self.out_code)
         self.inputs = list({id(c): c for c in ([base] if base else []) + sources}.values())  # distinct
         self.bit_path = _bits_path(spec.name, device, self.compute_code, self.plan, self.inputs, sources, base)
         self.dev = "cpu" if self.bit_path else resolve_device(device)
-        uris = ([(cfg.base_model, base)] if base else []) + [(m.model, s) for m, s in zip(cfg.models, sources)]
-        self.hasher = _InputHasher(uris)
+        self.hasher = _InputHasher(layout.refs)
         self.seme_merger = None
         if spec.name == "seme":
             from seme.semantic.merger import SemeMerger  # heavy: only for SeMe
@@ -295,7 +334,7 @@ class _MergeRun:
             except ConfigError as e:
                 raise (ConfigError(f"{e} (config {config_path})") if config_path and config_path not in str(e)
                        else e) from None
-        self.resolver = ParamResolver(cfg, spec.global_params, spec.model_params)
+        self.resolver = layout.resolver
         self.compute_dtype = None
         self.fused = None
         if not self.bit_path:
@@ -307,7 +346,7 @@ class _MergeRun:
         self.outputs = _OutputPool(max((math.prod(s) * ITEMSIZE[d] for _, s, d in self.plan), default=0))
         self.writer: CheckpointWriter | None = None
         self.seme_extra: dict[str, Any] = {}
-        self.protect += [ck.path for ck in self.inputs]  # s3:// inputs: their local copies
+        self.protect += [ck.path for _, ck in layout.refs]  # s3:// and Hub inputs: their local copies
 
     # -- the streaming loop ----------------------------------------------------------------------
     def stream_tensors(self, tmp: Path, progress: bool) -> tuple[list[str], int]:
@@ -369,8 +408,9 @@ class _MergeRun:
                 t = t.to(device=dev, dtype=compute_dtype)
             return t
 
-        b = one(base) if base is not None else None
-        return b, [b if (base is not None and s is base) else one(s) for s in self.sources]
+        # a source view without ``name``: a slice with fewer sources than others (slices: only)
+        b = one(base) if base is not None and name in base else None
+        return b, [b if (b is not None and same_source(s, base, name)) else one(s) for s in self.sources if name in s]
 
     def _torch_tensor(self, i: int, name: str, odc: str) -> torch.Tensor:
         """Tensor ``i`` of the plan, merged by the torch methods (or SeMe, or the fused kernels on
@@ -399,9 +439,10 @@ class _MergeRun:
         and two-pass methods on big tensors) or the method's function. Returns (tensor, whether the
         kernel already checked it for NaN/Inf)."""
         spec, resolver, sources = self.spec, self.resolver, self.sources
-        t = self.arch.t_of(name)
+        t = resolver.t_of(name)
         gp = resolver.global_params(name, t)
-        mp = [resolver.model_params(k, name, t) for k in range(len(sources))]
+        active = [k for k, s in enumerate(sources) if name in s]
+        mp = [resolver.model_params(k, name, t) for k in active]
         rng = torch.Generator(device=self.dev).manual_seed(tensor_seed(self.cfg.seed, name))
         big = _nbytes(ts[0]) > CHUNK_BYTES and ts[0].dim() > 1
         use_fused = (self.fused is not None and ts[0].dtype in (torch.bfloat16, torch.float32)
@@ -410,7 +451,7 @@ class _MergeRun:
         if use_fused:
             merged, bad = self.fused(b, ts, mp, gp, rng, od, out=self.outputs.take(ts[0].shape, od),
                                      release=partial(_release_entries, self.inputs, name))
-            _raise_non_finite(name, bad, self.base, sources)
+            _raise_non_finite(name, bad, self.base, [sources[k] for k in active])
             return merged, True
         if spec.name in ELEMENTWISE and big:
             return _merge_rows(spec.fn, b, ts, mp, gp, rng, od, name, self.inputs), False
@@ -435,7 +476,7 @@ class _MergeRun:
         arrays = {id(ck): ck.array(name) for ck in inputs}
         if self.anchor.st_dtype(name) not in FLOAT_CODES:  # integer buffers: keep the anchor's
             return arrays[id(self.anchor)]
-        t = self.arch.t_of(name)
+        t = resolver.t_of(name)
         gp = resolver.global_params(name, t)
         mp = [resolver.model_params(k, name, t) for k in range(len(sources))]
         xs = [arrays[id(s)] for s in sources]
@@ -444,7 +485,7 @@ class _MergeRun:
             return partial(kernels.linear_bits, xs, half, mp, gp)
         if base is None:
             raise ConfigError(f"{spec.name} needs a base_model")
-        idx = [k for k, s in enumerate(sources) if s is not base]
+        idx = [k for k, s in enumerate(sources) if not same_source(s, base, name)]
         return kernels.gta_prepare(arrays[id(base)], xs, idx, half, mp, gp, tensor_seed(self.cfg.seed, name),
                                    partial(_release_entries, inputs, name), method=spec.name,
                                    **kernels.BIT_METHODS[spec.name])
@@ -463,13 +504,13 @@ class _MergeRun:
 
     # -- after the tensors -----------------------------------------------------------------------------
     def write_side_files(self, tmp: Path) -> list[str]:
-        """config.json (with the output dtype), tokenizer files, and SeMe's alignment as used."""
-        cfg = self.cfg
-        out_config = dict(self.anchor.config)
+        """config.json (with the output dtype), tokenizer files, chat template, and SeMe's alignment
+        as used."""
+        out_config = dict(self.layout.config)
         if self.out_code is not None:
-            out_config["torch_dtype"] = cfg.out_dtype
-            out_config.pop("dtype", None)
-        side = copy_side_files(self.tok_src.path, tmp, config=out_config)
+            out_config["dtype"] = self.cfg.out_dtype  # transformers' current key (mergekit's torch_dtype)
+            out_config.pop("torch_dtype", None)
+        side = write_side_files(self.cfg, self.layout, tmp, out_config)
         if self.seme_merger is None:
             return side
         self.seme_extra = self.seme_merger.manifest_extra()
@@ -506,7 +547,7 @@ class _MergeRun:
         }
 
     def close(self) -> None:
-        for ck in self.inputs:
+        for ck in self.layout.opened.values() or self.inputs:
             ck.close()
 
 
@@ -520,9 +561,12 @@ def _output_plan(anchor: Checkpoint, out_code: str | None) -> list[tuple[str, tu
     return plan
 
 
-def _write_card_and_manifest(tmp: Path, manifest: dict[str, Any], files: list[str], known: dict[str, str]) -> None:
-    """README.md (the model card) and seme_manifest.json with every output file's sha256."""
-    (tmp / "README.md").write_text(model_card(manifest))
+def _write_card_and_manifest(tmp: Path, manifest: dict[str, Any], files: list[str], known: dict[str, str],
+                             config_path: str | None) -> None:
+    """README.md (the model card, with the config as given) and seme_manifest.json with every output
+    file's sha256."""
+    given = Path(config_path).read_text() if config_path and Path(config_path).is_file() else None
+    (tmp / "README.md").write_text(model_card(manifest, given))
     manifest["files"] = file_records(tmp, [*files, "README.md"], known=known)
     (tmp / "seme_manifest.json").write_text(json.dumps(manifest, indent=2))
 
@@ -565,6 +609,8 @@ def _bits_path(method: str, device: str, compute_code: str | None, plan: list, i
     if compute_code not in FUSED_CODES or _kernels_off() or os.environ.get(KERNELS_ENV, "").lower() == "torch":
         return False
     if method != "linear" and base is not None and all(s is base for s in sources):
+        return False
+    if any(hasattr(ck, "computed") for ck in inputs):  # views (slices, vocabularies): the torch path
         return False  # nothing but the base to merge: the torch path handles that corner
     for name, _shape, odc in plan:
         if inputs[0].st_dtype(name) not in FLOAT_CODES:
@@ -676,23 +722,36 @@ def _merge_rows(fn, b, ts, mp, gp, rng, od: torch.dtype, name: str, inputs: list
     return out
 
 
+def write_side_files(cfg: MergeConfig, layout: Any, out: Path, out_config: dict[str, Any]) -> list[str]:
+    """config.json, generation config and tokenizer files of the output, and its chat template.
+
+    The tokenizer comes from the vocabulary alignment when one ran (``seme.vocab``), else it is
+    copied from the tokenizer source (``tokenizer_source: <model>``), the base model, or the first
+    model, as mergekit's donor."""
+    opened = dict(layout.refs)
+    donor_ref = cfg.referenced_models()[0]
+    ts = cfg.token_source()
+    if ts not in (None, "base", "union"):
+        donor_ref = ts
+    donor = opened.get(donor_ref) or next(ck for ref, ck in layout.refs if _same_path(ref, donor_ref))
+    vocab = getattr(layout, "vocab", None)
+    if vocab is not None:
+        out_config = vocab.update_config(out_config)
+    side = copy_side_files(donor.path, out, config=out_config)
+    if vocab is not None:
+        side = sorted({*side, *vocab.save_tokenizer(out)})
+    if cfg.chat_template:
+        from seme.vocab import set_chat_template
+
+        side = sorted({*side, *set_chat_template(cfg, out, layout.refs)})
+    return side
+
+
 def _call_out_in(fn, b, ts, mp, gp, rng) -> torch.Tensor:
     """``fn`` on a GPT-2 Conv1D weight (stored (in, out)) shown as (out, in), the result stored back.
     The base stays one object, so methods still recognise it among the models."""
     bt = b.T if b is not None else None
     return fn(bt, [bt if t is b else t.T for t in ts], mp, gp, rng).T.contiguous()
-
-
-def _tokenizer_source(cfg: MergeConfig, sources: list[Checkpoint], base: Checkpoint | None) -> Checkpoint:
-    ts = cfg.tokenizer_source
-    if ts in (None, "base"):
-        return base or sources[0]
-    for m, ck in zip(cfg.models, sources):
-        if _same_path(m.model, ts) or m.model == ts:
-            return ck
-    if cfg.base_model and (_same_path(cfg.base_model, ts) or cfg.base_model == ts) and base:
-        return base
-    raise ConfigError(f"tokenizer_source {ts!r} is neither 'base' nor one of the models")
 
 
 def _describe_params(cfg: MergeConfig, spec: methods.MethodSpec) -> dict[str, Any]:
@@ -706,28 +765,66 @@ def _describe_params(cfg: MergeConfig, spec: methods.MethodSpec) -> dict[str, An
     }
 
 
-def model_card(manifest: dict[str, Any]) -> str:
-    cfg = manifest["config"]
+def card_name(ref: str) -> str:
+    """How the model card names a model reference: Hub ids and ``s3://`` URIs as given, a local
+    directory by its name (never an absolute local path), ``base+adapter`` part by part."""
+    if "+" in ref and not Path(ref).expanduser().exists():
+        return "+".join(card_name(p) for p in ref.split("+"))
+    if ref.startswith("s3://"):
+        return ref
+    from seme.refs import is_hub_id
+
+    if is_hub_id(ref):
+        return ref
+    return Path(ref.rstrip("/")).name or ref
+
+
+def model_card(manifest: dict[str, Any], config_text: str | None = None) -> str:
+    """README.md with the Hugging Face Hub's front matter for merges (``base_model``: every input
+    by its reference, ``library_name``, ``tags``) and a body with the method, the models and the
+    config as given."""
+    from seme.config import MergeConfig
+
+    cfg = MergeConfig.model_validate(manifest["config"])
+    method = manifest["method"]
+    refs = list(dict.fromkeys(card_name(r) for r in cfg.referenced_models()))
+    # the Hub's base_model metadata takes repo ids: adapters listed apart, revisions dropped
+    hub_refs = list(dict.fromkeys(p.split("@")[0] if "/" in p and not p.startswith("s3://") else p
+                                  for r in refs for p in r.split("+")))
+    if config_text is None:
+        config_text = yaml.safe_dump(cfg.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
+    base = card_name(cfg.base_model) if cfg.base_model else None
+    front = {"base_model": hub_refs, "library_name": "transformers", "tags": ["merge", "seme", method]}
     lines = [
         "---",
-        "library_name: transformers",
-        "tags: [merge, seme]",
+        yaml.safe_dump(front, sort_keys=False).rstrip(),
         "---",
-        f"# Merged model ({manifest['method']})",
+        f"# Merged model ({method})",
+        "",
+        f"This model is a merge of pre-trained language models made with seme {manifest['seme_version']}.",
+        "",
+        "## Merge details",
+        "",
+        "### Method",
+        "",
+        f"Merged with the `{method}` method" + (f", with `{base}` as the base." if base else "."),
+        "",
+        "### Models merged",
+        "",
+        *[f"- {r}" for r in refs if r != base],
+        "",
+        "### Configuration",
+        "",
+        "```yaml",
+        config_text.rstrip(),
+        "```",
         "",
         (
-            f"Produced by seme {manifest['seme_version']} on {manifest['created']} "
-            f"({manifest['device']}, {manifest['wall_seconds']} s)."
+            f"Produced on {manifest['created']} ({manifest['device']}, {manifest['wall_seconds']} s); compute "
+            f"dtype {manifest['dtype']}, output dtype {manifest['out_dtype']}, seed {manifest['seed']}, config "
+            f"sha256 `{manifest['config_sha256']}`. Inputs, resolved parameters and output checksums are in "
+            "`seme_manifest.json`."
         ),
-        "",
-        f"- method: `{manifest['method']}`",
-        f"- base model: `{cfg.get('base_model')}`",
-        "- sources:",
-        *[f"  - `{m['model']}` {m.get('parameters') or ''}" for m in cfg["models"]],
-        f"- compute dtype: {manifest['dtype']}, output dtype: {manifest['out_dtype']}, seed: {manifest['seed']}",
-        f"- config sha256: `{manifest['config_sha256']}`",
-        "",
-        "Inputs, resolved parameters and output checksums are in `seme_manifest.json`.",
         "",
     ]
     return "\n".join(lines)
@@ -751,3 +848,16 @@ def _progress(total: int, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, unit="tensor", desc="merge", leave=False)
+
+
+class _CallableModule(type(sys)):
+    """``seme.merge`` names both this module and the API function ``seme.merge(config, out_dir, …)``;
+    importing this module rebinds the package attribute to it, so the module itself is callable."""
+
+    def __call__(self, config: Any, out_dir: str | os.PathLike, **kwargs: Any) -> MergeResult:
+        from seme.api import merge as api_merge
+
+        return api_merge(config, out_dir, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -334,6 +334,13 @@ def log_merge_run(
                 _call("log metrics/gate artifacts", uri, c.log_artifacts, run_id, str(tmp), "eval")
         for f in gate_files:
             _call(f"log {f.name}", uri, c.log_artifact, run_id, str(f), "eval")
+        if metrics_doc is not None:
+            _log_eval_details(c, uri, run_id, metrics_doc)
+        if isinstance(metrics, str | os.PathLike):  # the evaluation report's task file and comparison
+            for name, where in (("tasks.yaml", "eval/task_file"), ("comparison.json", "eval")):
+                f = Path(metrics).parent / name
+                if f.is_file():
+                    _call(f"log {name}", uri, c.log_artifact, run_id, str(f), where)
         md = Path(model_dir)
         for name in ("seme_manifest.json", "README.md", "config.json"):
             if (md / name).is_file():
@@ -351,6 +358,30 @@ def log_merge_run(
     _call("end run", uri, c.set_terminated, run_id, status="FINISHED")
     log.info("logged merge run %s", run_id)
     return run_id
+
+
+def _log_eval_details(c: Any, uri: str, run_id: str, metrics_doc: dict[str, Any]) -> None:
+    """Per-item table (``mlflow.log_table``), the merged-vs-parents chart, and the task file and its
+    data files as the run's dataset inputs (source + sha256 digest)."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    from seme.evaluation.report import datasets_of, item_table, models_of, plot_models
+
+    models = models_of(metrics_doc) if isinstance(metrics_doc.get("merged"), dict) else {"merged": metrics_doc}
+    table = item_table(models)
+    if table["model"]:
+        _call("log per-item table", uri, c.log_table, run_id, table, "eval/items.json")
+    with tempfile.TemporaryDirectory(prefix="seme-eval-") as td:
+        png = plot_models(models, Path(td) / "merged_vs_parents.png")
+        if png is not None:
+            _call("log eval chart", uri, c.log_artifact, run_id, str(png), "eval")
+    inputs = []
+    for d in datasets_of(models["merged"]):
+        ds = Dataset(name=d["name"][:500], digest=d["sha256"][:36], source_type="seme",
+                     source=json.dumps({"uri": d["source"], "sha256": d["sha256"]}))
+        inputs.append(DatasetInput(ds, tags=[InputTag("mlflow.data.context", "eval")]))
+    if inputs:
+        _call("log eval inputs", uri, c.log_inputs, run_id, inputs)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -99,7 +99,8 @@ def test_bf16_out_dtype(tmp_path, tiny_model, capsys):
     assert _run(capsys, "merge", _cfg(tmp_path, "linear", [a], out_dtype="bfloat16"), out)[0] == 0
     sd = load_file(out / "model.safetensors")
     assert all(v.dtype == torch.bfloat16 for v in sd.values())
-    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    conf = json.loads((out / "config.json").read_text())
+    assert conf["dtype"] == "bfloat16" and "torch_dtype" not in conf  # transformers' current key
 
 
 # --- bad input: each a one-line error and no complete-looking output ---------------------------
@@ -192,8 +193,8 @@ def test_unknown_method_and_parameter_and_key(tmp_path, tiny_model, capsys):
     _assert_one_line_error(rc, err, "frankenmerge", "valid", "linear", "ties")
     rc, _, err = _run(capsys, "merge", _cfg(tmp_path, "linear", [a], parameters={"densty": 0.5}), out)
     _assert_one_line_error(rc, err, "densty", "valid")
-    rc, _, err = _run(capsys, "merge", _cfg(tmp_path, "linear", [a], slices=[]), out)
-    _assert_one_line_error(rc, err, "slices", "valid keys")
+    rc, _, err = _run(capsys, "merge", _cfg(tmp_path, "linear", [a], layer_plan=[]), out)
+    _assert_one_line_error(rc, err, "layer_plan", "valid keys")
     _no_complete_output(out)
 
 

@@ -1,4 +1,4 @@
-"""``seme bench quality|speed …``: forwards the remaining arguments to ``seme.bench.<name>.main``."""
+"""``seme bench quality|speed|eval …``: forwards the remaining arguments to ``seme.bench.<name>.main``."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import importlib
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="benchmarks: quality (zoo) and speed (vs mergekit and the I/O limit)")
-    p.add_argument("which", choices=["quality", "speed"], help="which benchmark")
+    p = sub.add_parser("bench", help="benchmarks: quality (zoo), speed (vs mergekit and the I/O limit), eval (throughput)")
+    p.add_argument("which", choices=["quality", "speed", "eval"], help="which benchmark")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark (see `seme bench NAME -h`)")
     p.set_defaults(func=run)
 

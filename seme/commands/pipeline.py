@@ -67,6 +67,8 @@ def _cluster_flags(p: argparse.ArgumentParser) -> None:
 
 def _run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--suite", default="zoo", help="evaluation suite (default zoo)")
+    p.add_argument("--tasks", default="", metavar="FILE_OR_URI",
+                   help="a task file instead of --suite (s3:// URI; run-local also takes a local file)")
     p.add_argument("--limit", type=int, default=0, help="items per eval task (0: all)")
     p.add_argument("--policy", help="gate policy YAML (default: seme's default policy)")
     p.add_argument("--name", default="seme-merged", help="registered model name")
@@ -107,6 +109,13 @@ def _experts(items: list[str]) -> dict[str, str]:
     return out
 
 
+def _scheduled_tasks(tasks: str) -> str:
+    """A scheduled run reads its task file from S3 (or gets it as text, with s3:// or absolute data paths)."""
+    from seme.storage import is_s3_uri
+
+    return tasks if not tasks or is_s3_uri(tasks) else _read(tasks, "task file")
+
+
 _K8S_NAME = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
 
 
@@ -132,6 +141,11 @@ def _check_run(args: argparse.Namespace) -> None:
     from seme.storage import parse_uri
 
     get_suite(args.suite)
+    tasks = getattr(args, "tasks", "")
+    if tasks and not tasks.startswith("s3://"):  # a local task file: checked (and its data) right here
+        from seme.evaluation import open_tasks
+
+        open_tasks(task_file=tasks)
     if args.limit < 0:
         raise ConfigError(f"--limit {args.limit}: must be 0 (all items) or a positive number")
     if args.policy:
@@ -191,6 +205,7 @@ def run_local(args: argparse.Namespace) -> int:
         workdir=args.workdir or Path(tempfile.mkdtemp(prefix="seme-pipeline-")),
         suite=args.suite,
         limit=args.limit,
+        tasks=args.tasks,
         gate_policy=_read(args.policy, "gate policy"),
         registered_model_name=args.name,
         expert_tasks=_experts(args.expert) or None,
@@ -240,6 +255,7 @@ def run_schedule(args: argparse.Namespace) -> int:
         "merge_config": yaml.safe_dump(cfg, sort_keys=False),
         "eval_suite": args.suite,
         "eval_limit": args.limit,
+        "eval_tasks": _scheduled_tasks(args.tasks),
         "expert_tasks": experts,
         "gate_policy": _read(args.policy, "gate policy"),
         "registered_model_name": args.name,

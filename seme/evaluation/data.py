@@ -174,3 +174,28 @@ def instruction_candidates(n_numbers: int = 30, n_words: int = 30) -> list[Examp
 def normalize_answer(s: str) -> str:
     """Lower-case, hyphens/punctuation to spaces, collapsed whitespace (instruction matching)."""
     return " ".join(re.sub(r"[^\w]+", " ", s.lower()).split())
+
+
+def instruction_set(zoo: str, zoo_dir: str | Path | None = None) -> list[Example] | None:
+    """The prompts a zoo's base answers correctly (``instruction_set.json``), or None if it has none."""
+    if zoo_dir is None:
+        from seme.zoo import zoo_path
+
+        zoo_dir = zoo_path(zoo)
+    p = Path(zoo_dir) / "instruction_set.json"
+    if not p.is_file():
+        return None
+    prompts = json.loads(p.read_text()).get("prompts") or []
+    return [Example(e["prompt"], e["answer"]) for e in prompts] or None
+
+
+#: Data generators a task file can name (``generator: NAME`` + ``args``): exact-match generators
+#: return (train, held-out) examples, text generators (train, held-out) texts; tasks use held-out.
+GENERATORS = {
+    "arithmetic": arithmetic,
+    "french_numbers": french_numbers,
+    "country_codes": country_codes,
+    "stdlib_code": code_split,
+    "prose": prose_split,
+    "instruction_set": instruction_set,
+}

@@ -20,7 +20,8 @@ from typing import Any
 
 from seme.errors import ConfigError
 
-__all__ = ["POSTHOC_PARAMS", "REQUIRED", "MethodSpec", "configured", "get", "names", "register"]
+__all__ = ["POSTHOC_PARAMS", "REQUIRED", "MethodSpec", "all_parameter_names", "configured", "get", "names",
+           "register"]
 
 #: Default value meaning "no default": the method raises ConfigError when the parameter is absent.
 REQUIRED = None
@@ -71,6 +72,7 @@ _BUILTIN_MODULES = (
     "seme.methods.arcee_fusion",
     "seme.methods.nearswap",
     "seme.methods.spectral",
+    "seme.methods.passthrough",
 )
 # Registered by other parts of seme; absent modules are tolerated (only the module itself).
 _OPTIONAL_MODULES = ("seme.semantic.merger",)
@@ -114,6 +116,23 @@ def names() -> list[str]:
     _load_builtin()
     _load_optional()
     return sorted(_REGISTRY)
+
+
+#: Parameter names of mergekit 0.1.5's methods (``MergeMethodSpec`` shared and input parameters):
+#: a config naming one that the chosen method does not use gets a warning, not an error.
+MERGEKIT_PARAMETERS = frozenset({
+    "alpha", "density", "eps", "epsilon", "filter_wise", "gamma", "int8_mask", "lambda", "max_iter",
+    "normalize", "normalize_weights", "nuslerp_flatten", "nuslerp_row_wise", "r", "rescale", "scale",
+    "select_topk", "t", "tol", "weight",
+})
+
+
+def all_parameter_names() -> frozenset[str]:
+    """Every parameter name some method knows (registered here, or mergekit's)."""
+    names()
+    with _LOCK:
+        known = {k for s in _REGISTRY.values() for k in (*s.global_params, *s.model_params)}
+    return frozenset(known | MERGEKIT_PARAMETERS)
 
 
 def get(name: str) -> MethodSpec:

@@ -220,7 +220,7 @@ def _build_locked(zdir: Path, name: str, recipe: ZooRecipe, base: str | Path | N
     (zdir / "experts").mkdir(exist_ok=True)
     for task_name, lr in recipe.experts.items():
         task = suite.tasks[task_name]
-        if task.kind == "exact":
+        if task.kind == "exact_match":
             train, held = task.examples()
             data_sha = data.data_hash([[e.prompt, e.answer] for e in train])
             held_sha = data.data_hash([[e.prompt, e.answer] for e in held])
