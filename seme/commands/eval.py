@@ -48,11 +48,11 @@ def run(args: argparse.Namespace) -> int:
         if not args.sources:
             raise EvalError("--data-free needs --sources MODEL [MODEL ...]")
         try:
-            diag = importlib.import_module("seme.diagnostics")
+            diag = importlib.import_module("seme.semantic.diagnostics")
         except ModuleNotFoundError as e:
-            if e.name != "seme.diagnostics":
+            if e.name != "seme.semantic.diagnostics":
                 raise
-            raise EvalError("data-free diagnostics are not available: module seme.diagnostics is missing") from None
+            raise EvalError("data-free diagnostics are not available: module seme.semantic.diagnostics is missing") from None
         report = diag.data_free_report(args.model_dir, args.sources, args.device)
         if getattr(args, "json", False):
             print(json.dumps(report))
