@@ -87,10 +87,6 @@ def _evaluate(args: argparse.Namespace, progress: bool) -> int:
         tf = open_tasks(args.suite, only=args.only, zoo_dir=args.zoo)
     args.model_dir = _local(args.model_dir)
     check_model_dir(args.model_dir)
-    if args.device == "auto":
-        import torch
-
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     metrics = evaluate(args.model_dir, task_file=tf, zoo_dir=args.zoo, device=args.device,
                        batch_size=args.batch_size, limit=args.limit, progress=progress, dtype=args.dtype)
     if getattr(args, "json", False):  # the same object --out writes, on stdout
