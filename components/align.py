@@ -32,7 +32,7 @@ def compute_alignment(
         os.makedirs(alignment.path, exist_ok=True)
         alignment.metadata.update({"method": cfg.merge_method, "skipped": True, "sha256": ""})
         return
-    from seme.alignment import align
+    from seme.semantic.alignment import align
 
     dev = str(resolve_device(device))
     align(cfg, alignment.path, device=dev)

@@ -38,7 +38,7 @@ def align(config: str | os.PathLike, out_dir: str | os.PathLike, *, device: str 
           overwrite: bool = False, allow_pickle: bool = False) -> Path:
     """Compute the SeMe alignment artifact for a ``merge_method: seme`` config (data-free); returns
     the artifact directory, to pass as ``alignment=`` to :func:`merge`."""
-    from seme.alignment import align as _align
+    from seme.semantic.alignment import align as _align
 
     return _align(config, out_dir, device=device, overwrite=overwrite, allow_pickle=allow_pickle)
 

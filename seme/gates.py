@@ -128,11 +128,10 @@ def load_policy(path: str | os.PathLike | None = None) -> dict[str, Any]:
     pol = {
         "version": version,
         "tasks": [str(t) for t in (raw.get("tasks") or [])],
-        "min_ratio": _num(
-            er.get("min_ratio", 0.9), p, "expert_retention.min_ratio", lo=0.0, hi=1.0, lo_open=True
-        ),
+        # 0: no retention floor (only presence and finiteness are checked)
+        "min_ratio": _num(er.get("min_ratio", 0.9), p, "expert_retention.min_ratio", lo=0.0, hi=1.0),
         "per_task": {
-            str(k): _num(v, p, f"expert_retention.per_task.{k}", lo=0.0, hi=1.0, lo_open=True)
+            str(k): _num(v, p, f"expert_retention.per_task.{k}", lo=0.0, hi=1.0)
             for k, v in (er.get("per_task") or {}).items()
         },
         "general": {},
@@ -388,7 +387,8 @@ def build_table(bundle: dict[str, Any], policy: dict[str, Any]) -> list[dict[str
             name = experts[task]
             ref = _value((parents[name].get("tasks") or {}).get(task))
             r = policy["per_task"].get(task, policy["min_ratio"])
-            lo, hi = (r, None) if metric.lower() not in lower else (None, 1.0 / r)
+            lo, hi = (r, None) if metric.lower() not in lower else (None, 1.0 / r if r else None)
+            lo = lo or None  # min_ratio 0: no ratio check for this task
             row("expert", f"expert:{task}", task, metric, _value(entry), ref, name, lo, hi)
         else:
             ref = _value((base.get("tasks") or {}).get(task)) if base else math.nan

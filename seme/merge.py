@@ -283,48 +283,120 @@ def run_merge(
     """Merge per ``cfg`` into the Hugging Face checkpoint directory ``out_dir``."""
     t0 = time.perf_counter()
     limit_heap_retention()
-    spec = methods.configured(cfg)  # the method, plus svc when asked
-    compute_code = parse_dtype_code(cfg.dtype)
-    out_code = parse_dtype_code(cfg.out_dtype)
-    if spec.name != "seme" and alignment is not None:
-        raise ConfigError("--alignment is only used with merge_method: seme")
-    protect = [*cfg.referenced_models(), alignment, config_path]
-    out_path = check_out_dir(out_dir, overwrite, protect=protect)  # fail fast, before any work
-    clean_stale_temps(out_path.parent)
-    layout = open_layout(cfg, spec, allow_pickle=allow_pickle)
-    sources, base, anchor = layout.sources, layout.base, layout.anchor
-    arch = anchor.architecture
-    plan = []
-    for n in anchor.names:
-        src = anchor.st_dtype(n)
-        plan.append((n, anchor.shape(n), (out_code or src) if src in FLOAT_CODES else src))
-    inputs = list({id(c): c for c in ([base] if base else []) + sources}.values())  # distinct checkpoints
-    bit_path = _bits_path(spec.name, device, compute_code, plan, inputs, sources, base)
-    dev = "cpu" if bit_path else resolve_device(device)
-    hasher = _InputHasher(layout.refs)
+    run = _MergeRun(cfg, out_dir, alignment, device, overwrite, allow_pickle, config_path)  # inputs, engine, …
+    with atomic_dir(out_dir, overwrite=overwrite, protect=run.protect) as tmp:
+        files, written = run.stream_tensors(tmp, progress)  # read → merge → write, overlapped
+        files += run.write_side_files(tmp)  # config, tokenizer, SeMe's alignment as used
+        seconds = time.perf_counter() - t0
+        manifest = run.manifest(seconds, written, config_path)
+        _write_card_and_manifest(tmp, manifest, files, run.writer.sha256s(), config_path)
+    run.close()
+    return MergeResult(Path(out_dir), manifest, seconds, manifest["peak_rss_bytes"], len(run.plan), written,
+                       run.seme_extra)
 
-    seme_merger = None
-    compute_dtype = None
-    if spec.name == "seme":
-        from seme.seme_merge import SemeMerger  # heavy: only for SeMe
 
+class _MergeRun:
+    """One merge's inputs, plan and engine, and the per-tensor steps of the streaming loop.
+
+    Engines, chosen once: SeMe's merger; the fused kernels on raw bits without torch (the
+    torch-free path); the fused kernels on torch tensors; the torch methods. Every tensor goes
+    load (prefetch thread) → merge → write and hash (one thread each), one tensor in flight per stage.
+    """
+
+    def __init__(self, cfg: MergeConfig, out_dir: str | os.PathLike, alignment: str | os.PathLike | None,
+                 device: str, overwrite: bool, allow_pickle: bool, config_path: str | None) -> None:
+        self.cfg = cfg
+        self.config_path = config_path
+        self.spec = spec = methods.configured(cfg)  # the method, plus svc when asked
+        self.compute_code = parse_dtype_code(cfg.dtype)
+        self.out_code = parse_dtype_code(cfg.out_dtype)
+        if spec.name != "seme" and alignment is not None:
+            raise ConfigError("--alignment is only used with merge_method: seme")
+        #: paths the output must never replace: the inputs, the alignment, the config
+        self.protect = [*cfg.referenced_models(), alignment, config_path]
+        out_path = check_out_dir(out_dir, overwrite, protect=self.protect)  # fail fast, before any work
+        clean_stale_temps(out_path.parent)
+        self.layout = layout = open_layout(cfg, spec, allow_pickle=allow_pickle)
+        self.sources, self.base, self.anchor = sources, base, anchor = layout.sources, layout.base, layout.anchor
+        self.arch = anchor.architecture
+        self.plan = _output_plan(anchor, self.out_code)
+        self.inputs = list({id(c): c for c in ([base] if base else []) + sources}.values())  # distinct
+        self.bit_path = _bits_path(spec.name, device, self.compute_code, self.plan, self.inputs, sources, base)
+        self.dev = "cpu" if self.bit_path else resolve_device(device)
+        self.hasher = _InputHasher(layout.refs)
+        self.seme_merger = None
+        if spec.name == "seme":
+            from seme.semantic.merger import SemeMerger  # heavy: only for SeMe
+
+            try:
+                self.seme_merger = SemeMerger.prepare(cfg, sources, base, Path(alignment) if alignment else None,
+                                                      str(self.dev))
+            except ConfigError as e:
+                raise (ConfigError(f"{e} (config {config_path})") if config_path and config_path not in str(e)
+                       else e) from None
+        self.resolver = layout.resolver
+        self.compute_dtype = None
+        self.fused = None
+        if not self.bit_path:
+            self.compute_dtype = torch_dtype(self.compute_code)
+            if self.seme_merger is None:
+                self.fused = fused_method(spec.name, self.dev, self.compute_code, len(sources))
+        self.kernels = _fused_module() if self.bit_path else None
+        self.nxt: Future | None = None  # the prefetch thread's load (or pass 1) of the next tensor
+        self.outputs = _OutputPool(max((math.prod(s) * ITEMSIZE[d] for _, s, d in self.plan), default=0))
+        self.writer: CheckpointWriter | None = None
+        self.seme_extra: dict[str, Any] = {}
+        self.protect += [ck.path for _, ck in layout.refs]  # s3:// and Hub inputs: their local copies
+
+    # -- the streaming loop ----------------------------------------------------------------------
+    def stream_tensors(self, tmp: Path, progress: bool) -> tuple[list[str], int]:
+        """Merge and write every planned tensor into ``tmp``; returns (shard files, bytes written)."""
+        self.writer = writer = CheckpointWriter(tmp, self.plan, self.cfg.shard_bytes())
+        produce = self._bits_tensor if self.bit_path else self._torch_tensor
+        written = 0
         try:
-            seme_merger = SemeMerger.prepare(
-                cfg, sources, base, Path(alignment) if alignment else None, str(dev)
-            )
-        except ConfigError as e:
-            raise (ConfigError(f"{e} (config {config_path})") if config_path and config_path not in str(e)
-                   else e) from None
+            bar = _progress(len(self.plan), progress)
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="seme-prefetch") as self.prefetch, \
+                    ThreadPoolExecutor(max_workers=1, thread_name_prefix="seme-write") as wpool, \
+                    ThreadPoolExecutor(max_workers=1, thread_name_prefix="seme-hash") as hpool:
+                if self.bit_path:
+                    self.nxt = self.prefetch.submit(self._bits_prepare, 0)
+                elif self.seme_merger is None:
+                    self.nxt = self.prefetch.submit(self._load, self.plan[0][0], self.plan[0][2])
+                pending: list[Future] = []
+                for i, (name, _shape, odc) in enumerate(self.plan):
+                    try:
+                        merged = produce(i, name, odc)
+                    except ConfigError as e:  # a parameter that is bad for this tensor: say where
+                        raise ConfigError(f"{e} (tensor {name}, config {self.config_path or 'given'})") from None
+                    for f in pending:  # at most one tensor being written: bounded memory
+                        f.result()
+                    # the write (a memcpy into the page cache) and the sha256 of the same bytes,
+                    # each on its own core: one after the other they were the slowest stage
+                    pending = [wpool.submit(self._store, name, merged),
+                               hpool.submit(writer.hash_update, name, merged)]
+                    written += _nbytes(merged)
+                    del merged
+                    bar.update(1)
+                for f in pending:
+                    f.result()
+            bar.close()
+            return writer.close(), written
+        except BaseException:
+            writer.abort()
+            raise
 
-    resolver = layout.resolver
+    def _store(self, name: str, merged: torch.Tensor | np.ndarray) -> None:
+        self.writer.write(name, merged, hash=False)  # hashed on its own thread, at the same time
+        for ck in self.inputs:  # done with this tensor: its input pages leave our RSS
+            ck.release(name)
 
-    fused = None
-    if not bit_path:
-        compute_dtype = torch_dtype(compute_code)
-        if seme_merger is None:
-            fused = fused_method(spec.name, dev, compute_code, len(sources))
+    # -- the torch engines (torch methods, fused kernels on torch tensors, SeMe) ----------------------
+    def _load(self, name: str, odc: str) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """Tensor ``name`` of the base and every source, zero-copy where possible, checked for NaN/Inf
+        (or left to the fused kernel to check as it reads). Runs on the prefetch thread."""
+        base, fused, dev, compute_dtype = self.base, self.fused, self.dev, self.compute_dtype
 
-    def load(name: str, odc: str) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         def one(ck: Checkpoint) -> torch.Tensor:
             t = ck.view(name)  # zero-copy; methods never modify their inputs
             if fused is not None and t.dtype in (torch.bfloat16, torch.float32) and odc in FUSED_CODES:
@@ -338,178 +410,165 @@ def run_merge(
 
         # a source view without ``name``: a slice with fewer sources than others (slices: only)
         b = one(base) if base is not None and name in base else None
-        return b, [b if (b is not None and same_source(s, base, name)) else one(s) for s in sources if name in s]
+        return b, [b if (b is not None and same_source(s, base, name)) else one(s) for s in self.sources if name in s]
 
-    nxt: Future | None = None  # the prefetch thread's load (or pass 1) of the next tensor
-
-    def torch_tensor(i: int, name: str, odc: str) -> torch.Tensor:
+    def _torch_tensor(self, i: int, name: str, odc: str) -> torch.Tensor:
         """Tensor ``i`` of the plan, merged by the torch methods (or SeMe, or the fused kernels on
         torch tensors), in the output dtype and checked for NaN/Inf."""
-        nonlocal nxt
         od = torch_dtype(odc)
         kernel_checked = False  # the fused kernel counted the output's NaN/Inf
-        if seme_merger is not None:
-            merged = seme_merger.merge_tensor(name)
+        if self.seme_merger is not None:
+            merged = self.seme_merger.merge_tensor(name)
         else:
-            b, ts = nxt.result()
-            nxt = prefetch.submit(load, plan[i + 1][0], plan[i + 1][2]) if i + 1 < len(plan) else None
+            b, ts = self.nxt.result()
+            plan = self.plan
+            self.nxt = self.prefetch.submit(self._load, plan[i + 1][0], plan[i + 1][2]) if i + 1 < len(plan) else None
             if not ts[0].is_floating_point():  # integer buffers: keep the anchor's
                 merged = (b if b is not None else ts[0])
             else:
-                t = resolver.t_of(name)
-                gp = resolver.global_params(name, t)
-                active = [k for k, s in enumerate(sources) if name in s]
-                mp = [resolver.model_params(k, name, t) for k in active]
-                rng = torch.Generator(device=dev).manual_seed(tensor_seed(cfg.seed, name))
-                big = _nbytes(ts[0]) > CHUNK_BYTES and ts[0].dim() > 1
-                use_fused = fused is not None and ts[0].dtype in (torch.bfloat16, torch.float32) and odc in FUSED_CODES
-                state = (spec.prepare(b, ts, mp, gp, rng)
-                         if big and spec.fn_block and not use_fused else None)
-                if use_fused:
-                    merged, bad = fused(b, ts, mp, gp, rng, od, out=outputs.take(ts[0].shape, od),
-                                        release=partial(_release_entries, inputs, name))
-                    _raise_non_finite(name, bad, base, [sources[k] for k in active])
-                    kernel_checked = True
-                elif spec.name in ELEMENTWISE and big:
-                    merged = _merge_rows(spec.fn, b, ts, mp, gp, rng, od, name, inputs)
-                elif state is not None:  # two-pass method: statistics, then row blocks
-                    merged = _merge_rows(spec.fn, b, ts, mp, gp, rng, od, name, inputs,
-                                         block=partial(spec.fn_block, state))
-                elif spec.out_in and arch.role(name).transposed and ts[0].dim() == 2:
-                    merged = _call_out_in(spec.fn, b, ts, mp, gp, rng)
-                else:
-                    merged = spec.fn(b, ts, mp, gp, rng)
-                del state
+                merged, kernel_checked = self._method_tensor(name, odc, od, b, ts)
             del b, ts
         merged = merged.to(dtype=od)
         if not kernel_checked:
             check_finite(name, merged, "merge result")
         return merged
 
-    def bits_prepare(i: int):
+    def _method_tensor(self, name: str, odc: str, od: torch.dtype, b: torch.Tensor | None,
+                       ts: list[torch.Tensor]) -> tuple[torch.Tensor, bool]:
+        """A classic method on one floating-point tensor: the fused kernel, row blocks (element-wise
+        and two-pass methods on big tensors) or the method's function. Returns (tensor, whether the
+        kernel already checked it for NaN/Inf)."""
+        spec, resolver, sources = self.spec, self.resolver, self.sources
+        t = resolver.t_of(name)
+        gp = resolver.global_params(name, t)
+        active = [k for k, s in enumerate(sources) if name in s]
+        mp = [resolver.model_params(k, name, t) for k in active]
+        rng = torch.Generator(device=self.dev).manual_seed(tensor_seed(self.cfg.seed, name))
+        big = _nbytes(ts[0]) > CHUNK_BYTES and ts[0].dim() > 1
+        use_fused = (self.fused is not None and ts[0].dtype in (torch.bfloat16, torch.float32)
+                     and odc in FUSED_CODES)
+        state = spec.prepare(b, ts, mp, gp, rng) if big and spec.fn_block and not use_fused else None
+        if use_fused:
+            merged, bad = self.fused(b, ts, mp, gp, rng, od, out=self.outputs.take(ts[0].shape, od),
+                                     release=partial(_release_entries, self.inputs, name))
+            _raise_non_finite(name, bad, self.base, [sources[k] for k in active])
+            return merged, True
+        if spec.name in ELEMENTWISE and big:
+            return _merge_rows(spec.fn, b, ts, mp, gp, rng, od, name, self.inputs), False
+        if state is not None:  # two-pass method: statistics, then row blocks
+            return _merge_rows(spec.fn, b, ts, mp, gp, rng, od, name, self.inputs,
+                               block=partial(spec.fn_block, state)), False
+        if spec.out_in and self.arch.role(name).transposed and ts[0].dim() == 2:
+            return _call_out_in(spec.fn, b, ts, mp, gp, rng), False
+        return spec.fn(b, ts, mp, gp, rng), False
+
+    # -- the torch-free engine (fused kernels on the memory-mapped bits) -------------------------------
+    def _bits_prepare(self, i: int):
         """Everything tensor ``i`` needs before its output is computed: its arrays over the
         memory maps, its parameters, and pass 1 of two-pass methods (TIES's thresholds, L1
         norms). Runs on the prefetch thread while the previous tensor's pass 2 runs. Returns
         ``finish(o, release) -> bad``, or the anchor's bits for integer buffers."""
-        name = plan[i][0]
+        spec, resolver, sources, base, inputs, kernels = (self.spec, self.resolver, self.sources, self.base,
+                                                          self.inputs, self.kernels)
+        name = self.plan[i][0]
         for ck in inputs:  # asynchronous read-ahead of this tensor
             ck.prefetch(name)
         arrays = {id(ck): ck.array(name) for ck in inputs}
-        if anchor.st_dtype(name) not in FLOAT_CODES:  # integer buffers: keep the anchor's
-            return arrays[id(anchor)]
+        if self.anchor.st_dtype(name) not in FLOAT_CODES:  # integer buffers: keep the anchor's
+            return arrays[id(self.anchor)]
         t = resolver.t_of(name)
         gp = resolver.global_params(name, t)
         mp = [resolver.model_params(k, name, t) for k in range(len(sources))]
         xs = [arrays[id(s)] for s in sources]
-        half = compute_code == "BF16"
+        half = self.compute_code == "BF16"
         if spec.name == "linear":
             return partial(kernels.linear_bits, xs, half, mp, gp)
         if base is None:
             raise ConfigError(f"{spec.name} needs a base_model")
         idx = [k for k, s in enumerate(sources) if not same_source(s, base, name)]
-        return kernels.gta_prepare(arrays[id(base)], xs, idx, half, mp, gp, tensor_seed(cfg.seed, name),
+        return kernels.gta_prepare(arrays[id(base)], xs, idx, half, mp, gp, tensor_seed(self.cfg.seed, name),
                                    partial(_release_entries, inputs, name), method=spec.name,
                                    **kernels.BIT_METHODS[spec.name])
 
-    def bits_tensor(i: int, name: str, odc: str) -> np.ndarray:
+    def _bits_tensor(self, i: int, name: str, odc: str) -> np.ndarray:
         """Tensor ``i`` of the plan, merged by the fused kernels straight from the memory-mapped
         files (no torch): the output's raw bits, checked for NaN/Inf by the kernel."""
-        nonlocal nxt
-        finish = nxt.result()
-        nxt = prefetch.submit(bits_prepare, i + 1) if i + 1 < len(plan) else None
+        finish = self.nxt.result()
+        self.nxt = self.prefetch.submit(self._bits_prepare, i + 1) if i + 1 < len(self.plan) else None
         if isinstance(finish, np.ndarray):
             return finish
-        o = outputs.take_bits(math.prod(anchor.shape(name)), odc)
-        bad = finish(o, partial(_release_entries, inputs, name))
-        _raise_non_finite(name, bad, base, sources)
+        o = self.outputs.take_bits(math.prod(self.anchor.shape(name)), odc)
+        bad = finish(o, partial(_release_entries, self.inputs, name))
+        _raise_non_finite(name, bad, self.base, self.sources)
         return o
 
-    def store(name: str, merged: torch.Tensor | np.ndarray) -> None:
-        writer.write(name, merged, hash=False)  # hashed on its own thread, at the same time
-        if seme_merger is None:
-            for ck in inputs:  # done with this tensor: its input pages leave our RSS
-                ck.release(name)
-
-    kernels = _fused_module() if bit_path else None
-    produce = bits_tensor if bit_path else torch_tensor
-    written = 0
-    outputs = _OutputPool(max((math.prod(s) * ITEMSIZE[d] for _, s, d in plan), default=0))
-    protect += [ck.path for _, ck in layout.refs]  # s3:// and Hub inputs: their local copies
-    with atomic_dir(out_dir, overwrite=overwrite, protect=protect) as tmp:
-        writer = CheckpointWriter(tmp, plan, cfg.shard_bytes())
-        try:
-            bar = _progress(len(plan), progress)
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="seme-prefetch") as prefetch, \
-                    ThreadPoolExecutor(max_workers=1, thread_name_prefix="seme-write") as wpool, \
-                    ThreadPoolExecutor(max_workers=1, thread_name_prefix="seme-hash") as hpool:
-                if bit_path:
-                    nxt = prefetch.submit(bits_prepare, 0)
-                elif seme_merger is None:
-                    nxt = prefetch.submit(load, plan[0][0], plan[0][2])
-                pending: list[Future] = []
-                for i, (name, _shape, odc) in enumerate(plan):
-                    try:
-                        merged = produce(i, name, odc)
-                    except ConfigError as e:  # a parameter that is bad for this tensor: say where
-                        raise ConfigError(f"{e} (tensor {name}, config {config_path or 'given'})") from None
-                    for f in pending:  # at most one tensor being written: bounded memory
-                        f.result()
-                    # the write (a memcpy into the page cache) and the sha256 of the same bytes,
-                    # each on its own core: one after the other they were the slowest stage
-                    pending = [wpool.submit(store, name, merged), hpool.submit(writer.hash_update, name, merged)]
-                    written += _nbytes(merged)
-                    del merged
-                    bar.update(1)
-                for f in pending:
-                    f.result()
-            bar.close()
-            files = writer.close()
-        except BaseException:
-            writer.abort()
-            raise
-        out_config = dict(layout.config)
-        if out_code is not None:
-            out_config["dtype"] = cfg.out_dtype  # transformers' current key (mergekit's torch_dtype)
+    # -- after the tensors -----------------------------------------------------------------------------
+    def write_side_files(self, tmp: Path) -> list[str]:
+        """config.json (with the output dtype), tokenizer files, chat template, and SeMe's alignment
+        as used."""
+        out_config = dict(self.layout.config)
+        if self.out_code is not None:
+            out_config["dtype"] = self.cfg.out_dtype  # transformers' current key (mergekit's torch_dtype)
             out_config.pop("torch_dtype", None)
-        side = write_side_files(cfg, layout, tmp, out_config)
-        extra = seme_merger.manifest_extra() if seme_merger else {}
-        artifacts: list[str] = []
-        if seme_merger is not None:
-            seme_merger.write_artifacts(tmp)
-            artifacts = sorted(str(p.relative_to(tmp)) for p in (tmp / "seme_alignment").rglob("*") if p.is_file())
-        seconds = time.perf_counter() - t0
-        manifest = {
+        side = write_side_files(self.cfg, self.layout, tmp, out_config)
+        if self.seme_merger is None:
+            return side
+        self.seme_extra = self.seme_merger.manifest_extra()
+        self.seme_merger.write_artifacts(tmp)
+        return [*side, *sorted(str(p.relative_to(tmp)) for p in (tmp / "seme_alignment").rglob("*") if p.is_file())]
+
+    def manifest(self, seconds: float, written: int, config_path: str | None) -> dict[str, Any]:
+        """seme_manifest.json (less its file records): inputs, parameters, engine, resources."""
+        cfg, spec = self.cfg, self.spec
+        engine = ("seme" if self.seme_merger else "kernels, torch-free" if self.bit_path
+                  else "kernels" if self.fused else "torch")
+        return {
             "seme_version": __version__,
             "method": spec.name,
             "parameters": _describe_params(cfg, spec),
             "config": cfg.model_dump(mode="json"),
             "config_path": config_path,
             "config_sha256": cfg.sha256(),
-            "inputs": hasher.join(),
+            "inputs": self.hasher.join(),
             "seed": cfg.seed,
             "dtype": cfg.dtype,
             "out_dtype": cfg.out_dtype or "as input",
-            "architecture": arch.family,
-            "device": str(dev),
-            "engine": "seme" if seme_merger else "kernels, torch-free" if bit_path else "kernels" if fused else "torch",
+            "architecture": self.arch.family,
+            "device": str(self.dev),
+            "engine": engine,
             "host": platform.node(),
             "torch_version": _torch_version(),
             "wall_seconds": round(seconds, 3),
             "peak_rss_bytes": peak_rss_bytes(),
-            "tensors": len(plan),
+            "tensors": len(self.plan),
             "bytes_written": written,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            **({"seme": extra} if extra else {}),
+            **({"seme": self.seme_extra} if self.seme_extra else {}),
         }
-        given = None
-        if config_path and Path(config_path).is_file():
-            given = Path(config_path).read_text()
-        (tmp / "README.md").write_text(model_card(manifest, given))
-        manifest["files"] = file_records(tmp, [*files, *side, *artifacts, "README.md"], known=writer.sha256s())
-        (tmp / "seme_manifest.json").write_text(json.dumps(manifest, indent=2))
-    for ck in layout.opened.values() or inputs:
-        ck.close()
-    return MergeResult(Path(out_dir), manifest, seconds, manifest["peak_rss_bytes"], len(plan), written, extra)
+
+    def close(self) -> None:
+        for ck in self.layout.opened.values() or self.inputs:
+            ck.close()
+
+
+def _output_plan(anchor: Checkpoint, out_code: str | None) -> list[tuple[str, tuple[int, ...], str]]:
+    """(name, shape, output dtype code) per tensor, in the anchor's order; floating-point tensors
+    take ``out_dtype`` when set, everything else keeps its own dtype."""
+    plan = []
+    for n in anchor.names:
+        src = anchor.st_dtype(n)
+        plan.append((n, anchor.shape(n), (out_code or src) if src in FLOAT_CODES else src))
+    return plan
+
+
+def _write_card_and_manifest(tmp: Path, manifest: dict[str, Any], files: list[str], known: dict[str, str],
+                             config_path: str | None) -> None:
+    """README.md (the model card, with the config as given) and seme_manifest.json with every output
+    file's sha256."""
+    given = Path(config_path).read_text() if config_path and Path(config_path).is_file() else None
+    (tmp / "README.md").write_text(model_card(manifest, given))
+    manifest["files"] = file_records(tmp, [*files, "README.md"], known=known)
+    (tmp / "seme_manifest.json").write_text(json.dumps(manifest, indent=2))
 
 
 def _kernels_off() -> bool:

@@ -123,7 +123,7 @@ def perturbed(tmp_path):
 @pytest.fixture(scope="session")
 def tiny_zoo() -> Path:
     """The tiny CI zoo (``seme zoo build --tiny``), from the zoo cache ($SEME_ZOO_DIR or
-    ~/.cache/seme/zoo): built once per machine (a few minutes on 2 cores), keyed by its recipe."""
+    ~/.cache/seme/zoo): built once per machine (a few minutes on 2 cores), keyed by its recipe, code and libraries."""
     from seme.zoo import build_zoo
 
     return build_zoo(tiny=True, progress=False)

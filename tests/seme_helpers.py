@@ -1,6 +1,6 @@
 """Helpers for the SeMe tests: function-preserving transformed copies, logits, configs.
 
-The transformations here are written independently of seme.alignment (plain state-dict edits in
+The transformations here are written independently of seme.semantic.alignment (plain state-dict edits in
 float64), so the tests compare two implementations of the same symmetry.
 """
 

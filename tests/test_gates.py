@@ -138,6 +138,25 @@ def test_policy_overrides_and_bad_policies(tmp_path, bundle):
         run_gate(write(tmp_path, "b.json", "{"))
 
 
+def test_min_ratio_zero_checks_only_presence_and_finiteness(tmp_path, bundle):
+    """A floor of 0 (the pipeline tests' pass-by-construction policy): any finite score passes, even
+    0 against a perfect expert or a far worse perplexity; a missing task or a NaN still fails."""
+    floor0 = write(tmp_path, "p0.yaml", "version: 1\nexpert_retention: {min_ratio: 0}\ngeneral: {}\n")
+    b = copy.deepcopy(bundle)
+    b["merged"]["tasks"]["arith"]["value"] = 0.0
+    b["merged"]["tasks"]["code"]["value"] = 1e6  # perplexity: lower is better, no bound either
+    b["parents"]["math"]["tasks"]["arith"]["value"] = 1.0
+    res = run_gate(b, floor0)
+    assert res.passed, res.failures
+    assert not any(c["check"].startswith(("expert:", "general:")) for c in res.checks)
+    b["merged"]["tasks"]["arith"]["value"] = float("nan")
+    assert failed(run_gate(b, floor0)) == {"not_null:merged"}
+    del b["merged"]["tasks"]["arith"]
+    assert "present:arith" in failed(run_gate(b, floor0))
+    with pytest.raises(ConfigError, match=r"min_ratio = -0.1 is outside"):
+        load_policy(write(tmp_path, "neg.yaml", "expert_retention: {min_ratio: -0.1}\n"))
+
+
 def write_checkpoint(root: Path) -> list[str]:
     """A real sharded safetensors checkpoint (two shards + index), tensor names as in llama."""
     import torch

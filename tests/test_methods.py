@@ -98,7 +98,7 @@ def test_unknown_method_lists_valid_names():
 
 
 def test_optional_module_registers_lazily(tmp_path, monkeypatch):
-    """get() imports an optional module (like seme.seme_merge) that registers itself on import."""
+    """get() imports an optional module (like seme.semantic.merger) that registers itself on import."""
     pkg = tmp_path / "seme_fake_method.py"
     pkg.write_text(
         textwrap.dedent(

@@ -366,9 +366,11 @@ def test_schedule_refuses_bad_input_before_calling_the_server(tmp_path, kfp_api,
 # ------------------------------------------------------------------------------------------------
 
 EVAL_LIMIT = 16  # items per eval task: enough for real numbers, small enough for 2 cores
-LENIENT = "version: 1\nexpert_retention: {min_ratio: 0.001}\ngeneral: {perplexity: {max_increase: 1000}}\n"
-# a task no model reports: the gate's "every expected task is present" check must fail
-STRICT = "version: 1\ntasks: [reading_comprehension]\n"
+# The gate's outcome is fixed by construction, never by how good the merge happens to be (quality
+# claims live in the benchmark): with no retention floor and no general checks, any finite metrics of
+# every task pass; a task no model reports always fails the "every expected task is present" check.
+PASSES = "version: 1\nexpert_retention: {min_ratio: 0}\ngeneral: {}\n"
+FAILS = "version: 1\nexpert_retention: {min_ratio: 0}\ngeneral: {}\ntasks: [reading_comprehension]\n"
 
 
 @pytest.fixture(scope="module")
@@ -400,7 +402,7 @@ def test_run_local_end_to_end_on_the_tiny_zoo(tiny_zoo_info, s3_server, mlflow_s
     name = f"e2e-{uuid.uuid4().hex[:8]}"
     common = {"suite": "tiny", "limit": EVAL_LIMIT, "registered_model_name": name, "s3_endpoint": s3_server,
                   "mlflow_uri": mlflow_server}  # fmt: skip
-    s = run_local(_zoo_config(zdir, zoo), workdir=tmp_path / "run1", gate_policy=LENIENT, **common)
+    s = run_local(_zoo_config(zdir, zoo), workdir=tmp_path / "run1", gate_policy=PASSES, **common)
     log = Path(s["log"]).read_text()[-3000:]
     assert s["status"] == "SUCCEEDED", f"{s['error']}\n{log}"
 
@@ -451,7 +453,7 @@ def test_run_local_end_to_end_on_the_tiny_zoo(tiny_zoo_info, s3_server, mlflow_s
     # rerun on the same inputs and registry with a gate that fails (task arithmetic and 4 eval items
     # keep it short): a new version, registered as failed, and no alias moves
     cfg2 = _zoo_config(zdir, zoo, "task_arithmetic")
-    s2 = run_local(cfg2, workdir=tmp_path / "run2", gate_policy=STRICT, **{**common, "limit": 4})
+    s2 = run_local(cfg2, workdir=tmp_path / "run2", gate_policy=FAILS, **{**common, "limit": 4})
     assert s2["status"] == "SUCCEEDED", s2["error"]
     assert s2["gate"]["passed"] is False
     summary_md = (Path(s2["gate"]["result"]) / "gate_summary.md").read_text()

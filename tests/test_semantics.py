@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from seme.errors import AlignmentError
-from seme.semantics import (
+from seme.semantic.bases import (
     compute_basis,
     effective_readout,
     pseudo_inverse_rows,

@@ -13,7 +13,7 @@ from seme_helpers import logits, seme_config, tensors, transformed_copy
 from seme.config import load_config
 from seme.errors import AlignmentError
 from seme.merge import run_merge
-from seme.seme_merge import erase_ties
+from seme.semantic.erase import erase_ties
 
 
 def _merge(cfg: dict, out, **kw):
@@ -114,7 +114,7 @@ def test_erase_ties_matches_a_reference_implementation():
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_row_thresholds_equal_the_exact_sort(threads):
     """The threaded per-row selection returns the keep-th largest entry of every row, ties included."""
-    from seme.seme_merge import _row_thresholds
+    from seme.semantic.erase import _row_thresholds
 
     g = torch.Generator().manual_seed(threads)
     a = torch.randn(301, 257, generator=g).abs()
@@ -138,7 +138,7 @@ def test_kth_largest_abs_equals_the_exact_sort():
     pytest.importorskip("numba")
     import numpy as np
 
-    from seme.seme_kernels import kth_largest_abs
+    from seme.semantic.erase_kernel import kth_largest_abs
 
     g = torch.Generator().manual_seed(0)
     rows = [torch.randn(300, generator=g), torch.zeros(300), torch.full((300,), -0.5),
@@ -155,7 +155,7 @@ def test_kth_largest_abs_equals_the_exact_sort():
 @pytest.mark.parametrize("K,density", [(2, 0.5), (3, 0.5), (3, 0.2), (4, 1.0), (5, 0.73)])
 def test_fused_erase_kernel_equals_the_torch_path(monkeypatch, K, density):
     pytest.importorskip("numba")
-    from seme import seme_merge
+    from seme.semantic import erase as seme_erase
 
     g = torch.Generator().manual_seed(K)
     d, n, T = 24, 53, 301
@@ -166,10 +166,10 @@ def test_fused_erase_kernel_equals_the_torch_path(monkeypatch, K, density):
     S = S / S.norm(dim=1, keepdim=True)
     P = torch.linalg.solve(S.T @ S, S.T)
     S32, P32 = S.float(), P.float()
-    assert seme_merge._ties_kernel() is not None
-    fused = seme_merge.erase_ties_rows(X, S32, P32, density, block=16)
-    monkeypatch.setattr(seme_merge, "_ties_kernel", lambda: None)
-    torch_path = seme_merge.erase_ties_rows(X, S32, P32, density, block=16)
+    assert seme_erase._ties_kernel() is not None
+    fused = seme_erase.erase_ties_rows(X, S32, P32, density, block=16)
+    monkeypatch.setattr(seme_erase, "_ties_kernel", lambda: None)
+    torch_path = seme_erase.erase_ties_rows(X, S32, P32, density, block=16)
     # same arithmetic; torch's float32 reduction over 5+ sources may associate differently (1 ulp)
     assert float((fused - torch_path).abs().max()) <= 1e-6 * float(torch_path.abs().max())
     if K <= 4:
@@ -179,8 +179,30 @@ def test_fused_erase_kernel_equals_the_torch_path(monkeypatch, K, density):
     assert torch.allclose(fused.double(), ref, atol=1e-4 * float(ref.abs().max()))
 
 
+def test_embedding_rows_stream_in_blocks(tiny_model, perturbed, tmp_path, monkeypatch):
+    """Embedding / LM-head rows are merged, and their Select statistics gathered, block of rows by
+    block of rows (no whole V×d task vector): blocks of 20 rows give what whole tensors give."""
+    from seme.semantic import transform
+
+    base = tiny_model("base")
+    a, c = perturbed(base, "a", 0.02, 1), perturbed(base, "c", 0.02, 2)
+    cfg = seme_config([a, c], base, compute="cap")  # cap: the per-row Compute with the most arithmetic
+    _merge(cfg, tmp_path / "whole")
+    monkeypatch.setattr(transform, "ROW_BLOCK", 20)  # 128 tokens: 7 blocks, the last one short
+    _merge(cfg, tmp_path / "blocks")
+    t1, t2 = tensors(tmp_path / "whole"), tensors(tmp_path / "blocks")
+    rows = [n for n in t1 if "embed" in n or "lm_head" in n]
+    assert rows and all(torch.allclose(t1[n], t2[n], atol=1e-6, rtol=0) for n in t1)
+    assert any(not torch.equal(t1[n], tensors(base)[n]) for n in rows)  # the rows really merged
+    m1, m2 = (json.loads((tmp_path / d / "seme_alignment" / "alignment.json").read_text())["modules"]
+              for d in ("whole", "blocks"))
+    for key in ("embed", "head"):
+        if key in m1:
+            assert torch.allclose(torch.tensor(m1[key]["gram"]), torch.tensor(m2[key]["gram"]), rtol=1e-9)
+
+
 def test_saved_alignment_is_reused_and_checked(tiny_model, tmp_path):
-    from seme.alignment import align
+    from seme.semantic.alignment import align
 
     src = tiny_model("orig")
     copy = tmp_path / "copy"
@@ -218,7 +240,7 @@ def test_data_free_no_tokenizer_no_dataset(tiny_model, perturbed, tmp_path):
 
     sys.addaudithook(hook)
     try:
-        from seme.alignment import align
+        from seme.semantic.alignment import align
 
         cfg = seme_config([a, c], base)
         align(load_config(cfg), tmp_path / "art")
@@ -233,7 +255,7 @@ def test_data_free_no_tokenizer_no_dataset(tiny_model, perturbed, tmp_path):
 
 
 def test_data_free_diagnostics(tiny_model, perturbed, tmp_path):
-    from seme.diagnostics import data_free_report, format_report
+    from seme.semantic.diagnostics import data_free_report, format_report
 
     m = tiny_model("m")
     far = tiny_model("far", seed=9)
@@ -249,8 +271,8 @@ def test_data_free_diagnostics(tiny_model, perturbed, tmp_path):
 @pytest.mark.parametrize("family", ["qwen3", "phi3", "gpt2"])
 def test_other_families_merge_and_match_permuted_units(tiny_model, perturbed, tmp_path, family):
     """Fused q/k/v and gate/up (phi3), Conv1D-transposed weights (gpt2), q/k norms (qwen3)."""
-    from seme.alignment import compute_alignment
     from seme.checkpoint import Checkpoint
+    from seme.semantic.alignment import compute_alignment
 
     base = tiny_model("base", family=family)
     a, c = perturbed(base, "a", 0.02, 1), perturbed(base, "c", 0.02, 2)

@@ -164,8 +164,8 @@ def _shared_alignment(grid: list[Variant], base: Path, experts: list[Path], out_
     t0, c0 = time.perf_counter(), time.process_time()
     print(f"[bench] aligning once for {len(seme_vars)} SeMe variants", file=sys.stderr, flush=True)
     try:
-        from seme.alignment import align
         from seme.config import load_config
+        from seme.semantic.alignment import align
 
         align(load_config(merge_config(seme_vars[0], base, experts, out_dtype)), out, device=device,
               overwrite=True)
@@ -424,7 +424,7 @@ def run_bench(
         methods.get("seme")
     except Exception:  # noqa: BLE001 - SeMe may not be installed in this checkout yet
         try:
-            import seme.seme_merge  # noqa: F401 - registers the method
+            import seme.semantic.merger  # noqa: F401 - registers the method
         except Exception as e:  # noqa: BLE001
             notes.append(f"SeMe unavailable ({type(e).__name__}: {e}); its rows are marked failed")
     out_dir.mkdir(parents=True, exist_ok=True)

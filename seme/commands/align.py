@@ -19,7 +19,7 @@ def run(args: argparse.Namespace) -> int:
     import json
     import time
 
-    from seme.alignment import align
+    from seme.semantic.alignment import align
 
     t0 = time.perf_counter()
     out = align(args.config, args.out_dir, device=args.device, overwrite=args.overwrite,

@@ -48,11 +48,11 @@ def run(args: argparse.Namespace) -> int:
         if not args.sources:
             raise EvalError("--data-free needs --sources MODEL [MODEL ...]")
         try:
-            diag = importlib.import_module("seme.diagnostics")
+            diag = importlib.import_module("seme.semantic.diagnostics")
         except ModuleNotFoundError as e:
-            if e.name != "seme.diagnostics":
+            if e.name != "seme.semantic.diagnostics":
                 raise
-            raise EvalError("data-free diagnostics are not available: module seme.diagnostics is missing") from None
+            raise EvalError("data-free diagnostics are not available: module seme.semantic.diagnostics is missing") from None
         report = diag.data_free_report(args.model_dir, args.sources, args.device)
         if getattr(args, "json", False):
             print(json.dumps(report))
@@ -87,10 +87,6 @@ def _evaluate(args: argparse.Namespace, progress: bool) -> int:
         tf = open_tasks(args.suite, only=args.only, zoo_dir=args.zoo)
     args.model_dir = _local(args.model_dir)
     check_model_dir(args.model_dir)
-    if args.device == "auto":
-        import torch
-
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     metrics = evaluate(args.model_dir, task_file=tf, zoo_dir=args.zoo, device=args.device,
                        batch_size=args.batch_size, limit=args.limit, progress=progress, dtype=args.dtype)
     if getattr(args, "json", False):  # the same object --out writes, on stdout

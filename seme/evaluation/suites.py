@@ -133,6 +133,9 @@ def evaluate(
                         general=general)
     tok = runner.load_tokenizer(model_dir)
     prepared = [kinds.prepare(t, tok, limit) for t in tf.tasks]
+    from seme.merge import resolve_device
+
+    device = str(resolve_device(device))  # auto -> cuda|cpu; cuda without a GPU: a clear error, not torch's
     model, tok = runner.load_model(model_dir, device, progress, tok=tok, dtype=dtype)
     import torch
 

@@ -2,7 +2,7 @@
 
 Each method family lives in its own module and registers itself on import. The registry imports
 them lazily on the first :func:`get` / :func:`names`, so importing ``seme.methods`` stays cheap
-(no torch). ``seme.seme_merge`` registers the ``seme`` method the same way; it is optional here.
+(no torch). ``seme.semantic.merger`` registers the ``seme`` method the same way; it is optional here.
 
 Method function contract (docs/internals.md)::
 
@@ -75,7 +75,7 @@ _BUILTIN_MODULES = (
     "seme.methods.passthrough",
 )
 # Registered by other parts of seme; absent modules are tolerated (only the module itself).
-_OPTIONAL_MODULES = ("seme.seme_merge",)
+_OPTIONAL_MODULES = ("seme.semantic.merger",)
 _loaded = {"builtin": False, "optional": False}
 
 

@@ -29,6 +29,8 @@ class LoraRecipe:
     seed: int = 0
     window: int = 64          # code task: tokens per window
     warmup: int = 10
+    replay: float = 0.0       # weight of a language-model loss on general text each step (keeps prose)
+    replay_batch: int = 8     # windows of general text per step when replay > 0
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
     def as_dict(self) -> dict[str, Any]:
@@ -69,15 +71,16 @@ def _exact_batches(tok: Any, examples: list[Example], r: LoraRecipe) -> list[tup
     return batches
 
 
-def _code_batches(tok: Any, texts: dict[str, str], r: LoraRecipe) -> list[Any]:
+def _code_batches(tok: Any, texts: dict[str, str], r: LoraRecipe, batch: int | None = None,
+                  salt: int = 0) -> list[Any]:
     """Token windows from the training modules, sampled with a seeded generator."""
     import torch
 
     ids = [i for k in sorted(texts) for i in tok.encode(texts[k], add_special_tokens=False)]
     n = len(ids) // r.window
     wins = torch.tensor(ids[: n * r.window]).view(n, r.window)
-    g = torch.Generator().manual_seed(r.seed)
-    return [wins[torch.randint(0, n, (r.batch,), generator=g)] for _ in range(r.steps)]
+    g = torch.Generator().manual_seed(r.seed + salt)
+    return [wins[torch.randint(0, n, (batch or r.batch,), generator=g)] for _ in range(r.steps)]
 
 
 def lora_finetune(
@@ -86,8 +89,13 @@ def lora_finetune(
     examples: list[Example] | None = None,
     texts: dict[str, str] | None = None,
     progress: bool = True,
+    replay_texts: dict[str, str] | None = None,
 ) -> tuple[Any, Any, dict[str, Any]]:
-    """Fine-tune ``base_dir`` with LoRA on ``examples`` (exact task) or ``texts`` (code); merged model."""
+    """Fine-tune ``base_dir`` with LoRA on ``examples`` (exact task) or ``texts`` (code); merged model.
+
+    With ``recipe.replay > 0``, each step also takes a language-model loss on windows of
+    ``replay_texts`` (general text, e.g. the base's pretraining text), so the skill is learned without
+    forgetting general language."""
     import torch
     import torch.nn.functional as F
     from peft import LoraConfig, get_peft_model
@@ -119,9 +127,15 @@ def lora_finetune(
         batches = _code_batches(tok, texts, recipe)
     else:
         raise ValueError("lora_finetune needs examples or texts")
+    replay: list[Any] = [None] * len(batches)
+    if recipe.replay > 0:
+        if not replay_texts:
+            raise ValueError("a recipe with replay needs replay_texts")
+        replay = _code_batches(tok, replay_texts, recipe, batch=recipe.replay_batch, salt=7919)
     losses: list[float] = []
     t0 = time.perf_counter()
-    for b in tqdm(batches, desc="lora", disable=not progress, leave=False):
+    for b, rb in tqdm(zip(batches, replay, strict=True), desc="lora", total=len(batches), disable=not progress,
+                      leave=False):
         if isinstance(b, tuple):
             ids, mask, amask = b
             A = int(amask.sum(1).max())
@@ -133,12 +147,14 @@ def lora_finetune(
             loss = F.cross_entropy(logits[m], tgt[m])
         else:
             loss = pm(input_ids=b, labels=b).loss
+        losses.append(loss.item())  # the skill's own loss (reported)
+        if rb is not None:
+            loss = loss + recipe.replay * pm(input_ids=rb, labels=rb).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        losses.append(loss.item())
     merged = pm.merge_and_unload()
     merged.eval()
     k = max(1, min(10, len(losses) // 5))

@@ -7,7 +7,10 @@ for SmolLM2-135M's shape: align ≤ 60 s, full merge (alignment inline + Erase o
 
     nice python tests/benchmarks/bench_seme.py --out /tmp/bench_seme [--device cuda] [--shape qwen2.5-1.5b]
 
-Writes ``bench_seme.json`` and ``bench_seme.md`` into --out. Not part of the test suite.
+Each step (align; TIES on the same checkpoints, base = the first; the full SeMe merge) runs in a fresh
+process, so each peak RSS is that step's own and not the model builder's. Targets against TIES (issue
+15): SeMe's peak RSS ≤ 2× and wall ≤ 3× TIES's. Writes ``bench_seme.json`` and ``bench_seme.md`` into
+--out. Not part of the test suite. ``--models A B C`` reuses three existing checkpoints.
 ``SEME_KERNELS=off`` measures Erase's torch path instead of the fused numba kernel (same output). On a
 shared machine set ``OMP_WAIT_POLICY=PASSIVE`` for both A and B or for neither: libgomp's idle threads
 otherwise spin after every parallel op, which roughly doubled align's CPU seconds under load ≈ 5.
@@ -109,6 +112,57 @@ def transformed_variant(src: Path, out: Path, shape: dict, seed: int, noise: flo
     return out
 
 
+def step(kind: str, models: list[Path], out: Path, device: str, threads: int, tokens: int) -> dict:
+    """One timed step in this (fresh) process: ``align``, ``seme`` (full merge, alignment inline) or
+    ``ties`` (base = the first model, density 0.5, on the same checkpoints). Peak RSS is this process's."""
+    import resource
+
+    t, c = time.perf_counter(), time.process_time()
+    from seme.config import load_config
+    from seme.merge import run_merge
+
+    if kind == "ties":
+        cfg = load_config({"merge_method": "ties", "base_model": str(models[0]),
+                           "models": [{"model": str(m), "parameters": {"weight": 1.0, "density": 0.5}}
+                                      for m in models[1:]]})
+    else:
+        import torch
+
+        torch.set_num_threads(threads)
+        cfg = load_config({"merge_method": "seme", "models": [{"model": str(m)} for m in models],
+                           "parameters": {"tokens": tokens}})
+    rec: dict = {}
+    if kind == "align":
+        from seme.semantic.alignment import align
+
+        art = align(cfg, out, device=device, overwrite=True)
+        rec["meta"] = json.loads((art / "alignment.json").read_text())
+    else:
+        res = run_merge(cfg, out, device=device if kind == "seme" else "cpu", overwrite=True, progress=False)
+        rec["engine"] = res.manifest["engine"]
+        rec["seme"] = res.manifest.get("seme")
+    rec.update(wall_s=round(time.perf_counter() - t, 2), cpu_s=round(time.process_time() - c, 2),
+               peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+               load_average=os.getloadavg())
+    if kind == "seme":
+        from seme.semantic.erase import _ties_kernel
+
+        # Erase after its GEMM: the fused numba kernel, or the torch ops (SEME_KERNELS=off / no numba)
+        rec["erase_kernel"] = "numba" if device == "cpu" and _ties_kernel() is not None else "torch"
+    return rec
+
+
+def _in_subprocess(kind: str, models: list[Path], out: Path, args: argparse.Namespace) -> dict:
+    """Run :func:`step` in a fresh interpreter, so its peak RSS is its own (not the model builder's)."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, __file__, "--step", kind, "--out", str(out), "--device", args.device,
+           "--threads", str(args.threads), "--tokens", str(args.tokens), "--models", *map(str, models)]
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench_seme_out")
@@ -117,33 +171,31 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--keep", action="store_true", help="keep the random checkpoints")
+    ap.add_argument("--models", nargs=3, type=Path, help="use these three checkpoints instead of making them")
+    ap.add_argument("--step", choices=("align", "seme", "ties"), help=argparse.SUPPRESS)  # internal
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-
-    torch.set_num_threads(args.threads)
-    from seme.alignment import align
-    from seme.config import load_config
-    from seme.merge import run_merge
-    from seme.seme_merge import _ties_kernel
-
+    if args.step:
+        print(json.dumps(step(args.step, args.models, Path(args.out), args.device, args.threads, args.tokens)))
+        return
     out = Path(args.out).absolute()
     work = out / f"models-{args.shape}"
     out.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
-    m0 = make_checkpoint(work / "m0", SHAPES[args.shape], seed=0)
-    models = [m0] + [transformed_variant(m0, work / f"m{i}", SHAPES[args.shape], seed=i) for i in (1, 2)]
+    if args.models:
+        models = [m.absolute() for m in args.models]
+    else:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        m0 = make_checkpoint(work / "m0", SHAPES[args.shape], seed=0)
+        models = [m0] + [transformed_variant(m0, work / f"m{i}", SHAPES[args.shape], seed=i) for i in (1, 2)]
     t_make = time.perf_counter() - t
-    cfg = load_config({"merge_method": "seme", "models": [{"model": str(m)} for m in models],
-                       "parameters": {"tokens": args.tokens}})
-    t, c = time.perf_counter(), time.process_time()
-    art = align(cfg, out / f"alignment-{args.shape}", device=args.device, overwrite=True)
-    t_align, c_align = time.perf_counter() - t, time.process_time() - c
-    meta = json.loads((art / "alignment.json").read_text())
-    t, c = time.perf_counter(), time.process_time()
-    res = run_merge(cfg, out / f"merged-{args.shape}", device=args.device, overwrite=True, progress=False)
-    t_merge, c_merge = time.perf_counter() - t, time.process_time() - c
-    seme = res.manifest["seme"]
+    al = _in_subprocess("align", models, out / f"alignment-{args.shape}", args)
+    meta = al.pop("meta")
+    ties = _in_subprocess("ties", models, out / f"ties-{args.shape}", args)
+    mg = _in_subprocess("seme", models, out / f"merged-{args.shape}", args)
+    seme = mg["seme"]
     report = {
         "shape": args.shape,
         "device": args.device,
@@ -152,34 +204,42 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "tokens": int(meta["token_subset"]["size"]),
         "make_checkpoints_s": round(t_make, 2),
-        "align_s": round(t_align, 2),
-        "align_cpu_s": round(c_align, 2),  # CPU seconds: on a shared machine wall time overstates
+        "align_s": al["wall_s"],
+        "align_cpu_s": al["cpu_s"],  # CPU seconds: on a shared machine wall time overstates
+        "align_peak_rss_mb": al["peak_rss_mb"],
         "align_breakdown_s": {k: round(v, 2) for k, v in meta["timings"].items()},
-        "merge_total_s": round(t_merge, 2),
-        "merge_cpu_s": round(c_merge, 2),
-        "load_average": os.getloadavg(),
+        "merge_total_s": mg["wall_s"],
+        "merge_cpu_s": mg["cpu_s"],
+        "peak_rss_mb": mg["peak_rss_mb"],
+        "ties": {k: ties[k] for k in ("wall_s", "cpu_s", "peak_rss_mb", "engine")},
+        "ratio_to_ties": {"wall": round(mg["wall_s"] / ties["wall_s"], 2),
+                          "peak_rss": round(mg["peak_rss_mb"] / ties["peak_rss_mb"], 2)},
+        "load_average": {"align": al["load_average"], "ties": ties["load_average"], "seme": mg["load_average"]},
         "merge_breakdown_s": {k: round(v, 2) for k, v in seme["merge_timings"].items()},
         "rotation": meta["rotation"],
-        "peak_rss_mb": round(res.peak_rss_bytes / 1e6),
-        # Erase after its GEMM: the fused numba kernel, or the torch ops (SEME_KERNELS=off / no numba)
-        "erase_kernel": "numba" if args.device == "cpu" and _ties_kernel() is not None else "torch",
+        "erase_kernel": mg["erase_kernel"],
         # libgomp's idle threads spin by default; PASSIVE makes them sleep (matters on a shared machine)
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
-        "targets": {"align_s": 60, "merge_total_s": 300} if args.shape == "smollm2-135m" else {},
+        "targets": ({"align_s": 60, "merge_total_s": 300, "ratio_to_ties": {"wall": 3, "peak_rss": 2}}
+                    if args.shape == "smollm2-135m" else {}),
     }
     (out / "bench_seme.json").write_text(json.dumps(report, indent=2))
     md = [
         f"# SeMe speed: {args.shape} on {args.device} ({args.threads} threads)",
         "",
-        "| step | seconds |",
-        "|---|---|",
-        f"| align (bases, rotation, permutations, Select statistics; no Erase) | {report['align_s']} |",
+        "| step | seconds | CPU s | peak RSS MB |",
+        "|---|---|---|---|",
+        (f"| align (bases, rotation, permutations, Select statistics; no Erase) | {report['align_s']} | "
+         f"{report['align_cpu_s']} | {report['align_peak_rss_mb']} |"),
         (f"| full merge (alignment inline + Select/Compute/Erase, |T| = {report['tokens']}) | "
-         f"{report['merge_total_s']} |"),
-        f"| of which Erase | {report['merge_breakdown_s'].get('erase_s')} |",
+         f"{report['merge_total_s']} | {report['merge_cpu_s']} | {report['peak_rss_mb']} |"),
+        (f"| of which Erase | {report['merge_breakdown_s'].get('erase_s')} | "
+         f"{report['merge_breakdown_s'].get('erase_cpu_s')} | |"),
+        f"| TIES on the same checkpoints (base = m0) | {ties['wall_s']} | {ties['cpu_s']} | {ties['peak_rss_mb']} |",
         "",
-        (f"CPU seconds: align {report['align_cpu_s']}, merge {report['merge_cpu_s']}; load average at the "
-         f"end {report['load_average'][0]:.1f}. Peak RSS {report['peak_rss_mb']} MB. "
+        (f"SeMe / TIES: wall {report['ratio_to_ties']['wall']}×, peak RSS {report['ratio_to_ties']['peak_rss']}×. "
+         f"Load average (1 min) at the end of align / TIES / SeMe: {al['load_average'][0]:.1f} / "
+         f"{ties['load_average'][0]:.1f} / {mg['load_average'][0]:.1f}. "
          f"Rotation: {meta['rotation']['reason']}. Erase kernel: {report['erase_kernel']}; "
          f"OMP_WAIT_POLICY: {report['omp_wait_policy']}."),
         "",
@@ -193,7 +253,7 @@ def main() -> None:
     ]
     (out / "bench_seme.md").write_text("\n".join(md) + "\n")
     print(json.dumps(report, indent=2))
-    if not args.keep:
+    if not args.keep and not args.models:
         shutil.rmtree(work, ignore_errors=True)
 
 

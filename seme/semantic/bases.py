@@ -6,20 +6,27 @@ row i of S = W (WᵀW + εI)⁻¹: only a d×d solve (float64), never a V×V one
 to unit norm, and F = ŜᵀŜ (d×d) is the *semantic metric*: ⟨ŜX, ŜY⟩ = tr(XᵀFY), so every norm and
 inner product "in semantic coordinates" costs O(d²n) instead of O(Vdn).
 
-Everything here reads weights only: no tokenizer, no text.
+Everything here reads weights only: no tokenizer, no text. The V×d readout is streamed in chunks of
+``CHUNK`` rows (float64 only per chunk), so a model's bases cost one float32 copy of W, not V×d float64.
+
+Part of the method: *semantic bases* (seme-method.md §2), the frame every other part measures in.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from seme.errors import AlignmentError
+
+if TYPE_CHECKING:
+    from seme.checkpoint import Checkpoint
+    from seme.semantic.transform import Layout
 
 CHUNK = 8192  # rows of W processed at once (keeps the V×d float64 intermediates bounded)
 
@@ -98,20 +105,35 @@ def effective_readout(head: torch.Tensor, final_gain: torch.Tensor | None, norm_
 
 
 def compute_basis(W: torch.Tensor, where: str, ridge: float = 1e-6, device: str = "cpu",
-                  probe: int = 256) -> SemanticBasis:
+                  probe: int = 256, gain: torch.Tensor | None = None,
+                  release: Callable[[int, int], None] | None = None) -> SemanticBasis:
     """Semantic bases of an effective readout W (V×d): a float64 d×d solve.
 
-    Raises AlignmentError when W is rank-deficient (a singular LM head has no semantic bases: some
-    residual direction is invisible to every token) or V < d.
+    With ``gain`` (d, float64), W is ``W · diag(gain)`` formed chunk by chunk in float64 (the same
+    values as :func:`effective_readout`, without its V×d float64 copy). Raises AlignmentError when W
+    has NaN/Inf, is rank-deficient (a singular LM head has no semantic bases: some residual direction
+    is invisible to every token) or V < d. ``release(lo, hi)`` is called after each pass over rows
+    ``[lo, hi)`` of W (e.g. to give a memory-mapped head's pages back).
     """
-    W = W.to(device=device, dtype=torch.float64)
     V, d = W.shape
     if V < d:
         raise AlignmentError(f"{where}: vocabulary ({V}) smaller than hidden size ({d}); bases undefined")
-    G = torch.zeros(d, d, dtype=torch.float64, device=W.device)
+    g = None if gain is None else gain.to(device=device, dtype=torch.float64)
+
+    def rows(lo: int, hi: int) -> torch.Tensor:
+        c = W[lo:hi].to(device=device, dtype=torch.float64)
+        return c * g if g is not None else c
+
+    G = torch.zeros(d, d, dtype=torch.float64, device=device)
+    W32 = torch.empty(V, d, dtype=torch.float32, device=device)  # the stored readout
     for lo in range(0, V, CHUNK):
-        c = W[lo : lo + CHUNK]
+        c = rows(lo, lo + CHUNK)
+        if not bool(torch.isfinite(c).all()):
+            raise AlignmentError(f"{where}: LM head contains NaN or Inf values; semantic bases undefined")
         G.addmm_(c.T, c)
+        W32[lo : lo + CHUNK] = c
+        if release is not None:
+            release(lo, lo + CHUNK)
     with lapack_one_thread():
         evals = torch.linalg.eigvalsh(G)
     top = float(evals[-1])
@@ -123,25 +145,28 @@ def compute_basis(W: torch.Tensor, where: str, ridge: float = 1e-6, device: str 
             f"{where}: LM head is singular (rank {rank} < hidden size {d}); semantic bases undefined"
         )
     eps = ridge * float(torch.trace(G)) / d
-    M = G + eps * torch.eye(d, dtype=torch.float64, device=W.device)
+    M = G + eps * torch.eye(d, dtype=torch.float64, device=device)
     with lapack_one_thread():
         minv = torch.cholesky_inverse(torch.linalg.cholesky(M))
     minv = 0.5 * (minv + minv.T)
-    inv_norm = torch.empty(V, dtype=torch.float64, device=W.device)
-    F = torch.zeros(d, d, dtype=torch.float64, device=W.device)
+    inv_norm = torch.empty(V, dtype=torch.float64, device=device)
+    F = torch.zeros(d, d, dtype=torch.float64, device=device)
     for lo in range(0, V, CHUNK):
-        s = W[lo : lo + CHUNK] @ minv
+        s = rows(lo, lo + CHUNK) @ minv
         n = s.norm(dim=1).clamp_min_(1e-300)
         inv_norm[lo : lo + CHUNK] = 1.0 / n
         s.div_(n[:, None])
         F.addmm_(s.T, s)
+        if release is not None:
+            release(lo, lo + CHUNK)
     # Check (§2): argmax_j s_i·w_j = i for nearly all i, on an evenly spaced probe of tokens.
-    idx = torch.arange(0, V, max(1, V // probe), device=W.device)[:probe]
+    idx = torch.arange(0, V, max(1, V // probe), device=device)[:probe]
     hits = 0
-    W32 = W.float()
     for lo in range(0, idx.numel(), 256):
         part = idx[lo : lo + 256]
-        scores = (W[part] @ minv).float() @ W32.T  # a check: float32 is plenty
+        sel = W[part.to(W.device)].to(device=device, dtype=torch.float64)
+        sel = sel * g if g is not None else sel
+        scores = (sel @ minv).float() @ W32.T  # a check: float32 is plenty
         hits += int((scores.argmax(dim=1) == part).sum())
     return SemanticBasis(
         W=W32, minv=minv, inv_norm=inv_norm, F=0.5 * (F + F.T), eps=eps, rank=rank,
@@ -225,12 +250,33 @@ def pseudo_inverse_rows(S_T: torch.Tensor) -> torch.Tensor:
         return torch.linalg.solve(G, S_T.T)
 
 
-def resolve_device(device: str) -> str:
-    """``auto`` -> cuda when available; ``cuda`` without a GPU is an error."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        from seme.errors import ConfigError
 
-        raise ConfigError("--device cuda requested but no CUDA device is available")
-    return device
+def model_basis(ckpt: Checkpoint, layout: Layout, vocab_map: torch.Tensor | None, ridge: float,
+                device: str) -> SemanticBasis:
+    """Semantic bases of a checkpoint (final-norm gain folded), rows in the anchor's token order.
+
+    The LM head is read over the checkpoint's memory map (no copy) and its pages are given back
+    afterwards; under a vocabulary map, tokens the model lacks get zero rows.
+    """
+    head_name = layout.head_name()
+    where = f"{ckpt.path} ({head_name})"
+    head = ckpt.view(head_name)
+    if head.dim() != 2:
+        raise AlignmentError(f"{where}: LM head must be a matrix, got shape {tuple(head.shape)}")
+    if vocab_map is not None:
+        out = torch.zeros(vocab_map.numel(), head.shape[1], dtype=head.dtype)
+        out[vocab_map >= 0] = head[vocab_map[vocab_map >= 0]]
+        head = out
+    release = None if vocab_map is not None else (lambda lo, hi: ckpt.release(head_name, (lo, hi)))
+    gain = None
+    if layout.final_norm:
+        g = ckpt.get(layout.final_norm).double() + layout.arch.norm_offset
+        if g.shape != (head.shape[1],):
+            raise AlignmentError(f"{where}: final norm gain has shape {tuple(g.shape)}, hidden size {head.shape[1]}")
+        if not bool(torch.isfinite(g).all()):
+            raise AlignmentError(f"{where}: final norm gain contains NaN or Inf values")
+        gain = g
+    try:
+        return compute_basis(head, where, ridge=ridge, device=device, gain=gain, release=release)
+    finally:
+        ckpt.release(head_name)

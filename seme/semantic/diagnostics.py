@@ -8,6 +8,8 @@ KL(p_source ‖ p_merged). No text, no tokenizer, no dataset.
 
 Each model uses its own bases for probes and read-out, so the comparison is in token space and does
 not depend on the residual coordinates (a rotated merge compares correctly with unrotated sources).
+
+Part of the method: *data-free diagnostics* (seme-method.md §8), ``seme eval --data-free``.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ from typing import Any
 
 import torch
 
-from seme.alignment import Layout, ModelAlignment, ModelView, model_basis
 from seme.checkpoint import Checkpoint, open_checkpoint
 from seme.errors import EvalError
-from seme.semantics import resolve_device, spectrum_summary, token_subset
+from seme.semantic.bases import model_basis, spectrum_summary, token_subset
+from seme.semantic.settings import resolve_device
+from seme.semantic.transform import Layout, ModelAlignment, ModelView
 
 
 def _act(config: dict[str, Any]):

@@ -1,7 +1,7 @@
-"""Fused CPU kernel (numba) for SeMe's Erase: Trim → Elect → Erase → disjoint mean, one vector at a time.
+"""Erase's fused CPU kernel (numba): Trim → Elect → Erase → disjoint mean, one vector at a time.
 
 After the GEMM that projects a block of task vectors onto the token subset (c, (K·b)×|T|), the torch
-path in :func:`seme.seme_merge.erase_ties_rows` makes about a dozen passes over c (abs, a partition
+path in :func:`seme.semantic.erase.erase_ties_rows` makes about a dozen passes over c (abs, a partition
 copy, masks, sums) and selects each vector's threshold with numpy's introselect. This kernel does
 all of it per vector while its K rows sit in cache: an exact histogram select of the threshold
 (11-bit buckets of the |c| bit patterns, then a partition of one bucket), then three vectorisable
@@ -9,6 +9,8 @@ loops. Same arithmetic as the torch path (float32 sums over the sources in order
 the same bit for bit up to 4 sources, within an ulp beyond (torch may associate its reduction
 differently); ``tests/test_seme_merge.py`` checks both. Compiled on first use and cached
 on disk (``$NUMBA_CACHE_DIR``, default ``~/.cache/seme/numba``).
+
+Part of the method: *Erase* (its CPU hot loop; ``seme.semantic.erase`` drives it).
 """
 
 from __future__ import annotations
