@@ -11,8 +11,9 @@ import json
 import os
 from pathlib import Path
 
-#: The project image every component runs in (infra/docker/Dockerfile; the CUDA variant is tagged
-#: ``<version>-cu128``). Pinned: a compiled pipeline names exactly one image.
+#: The default project image every component runs in (infra/docker/Dockerfile; the CUDA variant is
+#: tagged ``<version>-cu128``). ``seme pipeline compile --image IMAGE[@sha256:...]`` replaces it on
+#: every step: a compiled pipeline names exactly one image.
 IMAGE = "ghcr.io/seme-project/seme:0.1.0"
 
 # Files that describe a directory rather than belong to it: excluded from its digest.
@@ -84,13 +85,28 @@ def localize_config(config_yaml: str, fetched: dict[str, str]) -> dict:
     return cfg
 
 
+#: Where the run's PersistentVolumeClaim is mounted in ``--pvc`` mode (pipelines/merge.py).
+VOLUME_MOUNT = "/mnt/seme"
+
+
+def model_path(artifact: object) -> str:
+    """Where a checkpoint artifact's files are: on the run's volume (``--pvc`` mode: the artifact
+    only records ``metadata.volume_path``) or in the artifact itself (KFP's artifact store)."""
+    return (artifact.metadata or {}).get("volume_path") or artifact.path  # type: ignore[attr-defined]
+
+
+def volume_target(volume_dir: str, *parts: str) -> str | None:
+    """A directory on the run's volume for a step's output, or None without a volume."""
+    return os.path.join(volume_dir, *parts) if volume_dir else None
+
+
 def fetched_paths(*artifacts: object) -> dict[str, str]:
     """``{uri: local path}`` of fetch_checkpoint outputs (Model artifacts; empty URIs skipped)."""
     out: dict[str, str] = {}
     for a in artifacts:
         uri = (a.metadata or {}).get("uri", "")  # type: ignore[attr-defined]
         if uri:
-            out[uri.rstrip("/")] = a.path  # type: ignore[attr-defined]
+            out[uri.rstrip("/")] = model_path(a)
     return out
 
 
@@ -113,3 +129,30 @@ def record_pipeline_status(
     from seme import registry
 
     return registry.record_pipeline_status(pipeline_run, state, error, registered_model_name, tracking_uri)
+
+
+def gate_step(report_dir: str, policy: str, out_dir: str, model_dir: str, weights: bool) -> bool:
+    """The gate steps' body: ``seme.gates.run_gate`` on ``report_dir/bundle.json`` with the policy text
+    (empty: default), bound to ``model_dir`` (the merged checkpoint, or a directory holding just its
+    ``seme_manifest.json`` when ``weights`` is False: same identity, no weights to read)."""
+    import json
+    import os
+    import tempfile
+
+    from seme.errors import ConfigError
+    from seme.gates import load_policy, run_gate, weight_expectations
+
+    policy_path = None
+    if policy.strip():
+        fd, policy_path = tempfile.mkstemp(suffix=".yaml")
+        with os.fdopen(fd, "w") as f:
+            f.write(policy)
+    if not weights and weight_expectations(load_policy(policy_path)):
+        raise ConfigError(
+            "gate_policy asks for weight checks, but this pipeline's gate does not read the weights: "
+            "compile it with `seme pipeline compile --gate-weight-check`"
+        )
+    with open(os.path.join(report_dir, "bundle.json")) as f:
+        bundle = json.load(f)
+    bundle.pop("model_dir", None)  # the evaluate pod's path means nothing here
+    return bool(run_gate(bundle, policy_path, out_dir, model_dir=model_dir).passed)

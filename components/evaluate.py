@@ -36,7 +36,7 @@ def evaluate_models(
     import os
     import shutil
 
-    from components.common import artifact_digest, parent_names
+    from components.common import artifact_digest, model_path, parent_names
     from seme.errors import ConfigError
     from seme.evaluation import evaluate, open_tasks, write_metrics
     from seme.evaluation.compare import compare_pair
@@ -71,8 +71,8 @@ def evaluate_models(
         tf = open_tasks(suite)
     results = {}
     for name, art in [("merged", merged), *parents]:
-        res = evaluate(art.path, task_file=tf, device=dev, limit=limit or None, progress=False)
-        res["model"] = art.metadata.get("uri") or art.path
+        res = evaluate(model_path(art), task_file=tf, device=dev, limit=limit or None, progress=False)
+        res["model"] = art.metadata.get("uri") or model_path(art)
         write_metrics(res, os.path.join(report.path, f"{name}.json"))
         results[name] = res
     for group in ("tasks", "general"):
@@ -82,7 +82,7 @@ def evaluate_models(
         results["merged"],
         {n: results[n] for n, _ in parents},
         experts,
-        model_dir=merged.path,
+        model_dir=model_path(merged),
         base="base",
     )
     with open(os.path.join(report.path, "bundle.json"), "w") as f:

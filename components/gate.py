@@ -1,4 +1,4 @@
-"""The validation gate (Great Expectations) over the evaluation report."""
+"""The validation gate (Great Expectations) over the evaluation report; the model only for weight checks."""
 
 from typing import NamedTuple
 
@@ -10,28 +10,34 @@ from components.common import IMAGE
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def validation_gate(
-    report: Input[Artifact], merged: Input[Model], policy: str, result: Output[Artifact]
+    report: Input[Artifact], manifest: Input[Artifact], policy: str, result: Output[Artifact]
 ) -> NamedTuple("GateOutputs", passed=bool):
-    """Run ``seme.gates.run_gate`` on the evaluation report's ``bundle.json``; ``passed`` drives the branch.
+    """Run the gate on the evaluation report's ``bundle.json``; ``passed`` drives the branch.
 
-    ``policy`` is the policy YAML text (empty: the default policy); weight checks read ``merged``. A failed gate is not a failed
-    step: the step succeeds with ``passed = False`` and the pipeline registers the version as failed.
-    Metadata: ``passed``, ``sha256``.
+    ``policy`` is the policy YAML text (empty: the default policy). The model is not an input, only
+    its ``seme_manifest.json`` (``manifest``), which binds the verdict to the checkpoint it judged; a
+    policy with weight checks needs the pipeline compiled with ``--gate-weight-check``
+    (:func:`validation_gate_weights`). A failed gate is not a failed step: the step succeeds with
+    ``passed = False`` and the pipeline registers the version as failed. Metadata: ``passed``, ``sha256``.
     """
-    import os
-    import tempfile
     from collections import namedtuple
 
-    from components.common import artifact_digest
-    from seme.gates import run_gate
+    from components.common import artifact_digest, gate_step
 
-    policy_path = None
-    if policy.strip():
-        fd, policy_path = tempfile.mkstemp(suffix=".yaml")
-        with os.fdopen(fd, "w") as f:
-            f.write(policy)
-    verdict = run_gate(
-        os.path.join(report.path, "bundle.json"), policy_path, result.path, model_dir=merged.path
-    )
-    result.metadata.update({"passed": bool(verdict.passed), "sha256": artifact_digest(result.path)})
-    return namedtuple("GateOutputs", ["passed"])(bool(verdict.passed))
+    passed = gate_step(report.path, policy, result.path, manifest.path, weights=False)
+    result.metadata.update({"passed": passed, "sha256": artifact_digest(result.path)})
+    return namedtuple("GateOutputs", ["passed"])(passed)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def validation_gate_weights(
+    report: Input[Artifact], merged: Input[Model], policy: str, result: Output[Artifact]
+) -> NamedTuple("GateOutputs", passed=bool):
+    """:func:`validation_gate` plus the policy's weight checks on the merged checkpoint (``merged``)."""
+    from collections import namedtuple
+
+    from components.common import artifact_digest, gate_step, model_path
+
+    passed = gate_step(report.path, policy, result.path, model_path(merged), weights=True)
+    result.metadata.update({"passed": passed, "sha256": artifact_digest(result.path)})
+    return namedtuple("GateOutputs", ["passed"])(passed)

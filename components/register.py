@@ -28,38 +28,33 @@ def register_model(
     import json
     import os
 
+    from components.common import model_path
     from seme import registry
-    from seme.gates import verify_gate_binding
+    from seme.registry_model import register_version
 
     tracking_uri = mlflow_tracking_uri or None
     gate_file = os.path.join(gate_result.path, "gate_result.json")
-    verify_gate_binding(gate_file, merged.path)  # the verdict is about this very checkpoint
-    run_id = registry.log_merge_run(
-        merged.path,
+    # register_version refuses a gate result about another checkpoint; pilot is set by the registry
+    # itself, and only for a passed gate (the file's verdict)
+    passed = gate_passed and registry.gate_passed(gate_file)
+    # an MLflow model (transformers + pyfunc) whose location is the prefix the merge step published:
+    # the wrapper goes next to the weights, no second copy in MLflow's artifact store
+    rv = register_version(
+        model_path(merged),
+        registered_model_name,
         metrics=os.path.join(report.path, "bundle.json"),
         gate=gate_file,
         alignment_dir=None if alignment.metadata.get("skipped", True) else alignment.path,
-        params={"pipeline": {"published_uri": merged.metadata.get("uri", "")}},
-        run_name=f"{registered_model_name} {pipeline_run}",
-        pipeline_run=pipeline_run,
-        tracking_uri=tracking_uri,
-    )
-    # alias: register_model sets pilot itself, and only for a passed gate
-    passed = gate_passed and registry.gate_passed(gate_file)
-    version = registry.register_model(
-        merged.path,
-        registered_model_name,
-        run_id=run_id,
+        source_uri=merged.metadata.get("uri") or None,
         tags={
             "seme.sources": json.dumps(merged.metadata.get("sources", [])),
             "seme.uri": merged.metadata.get("uri", ""),
         },
-        gate_passed=passed,
+        params={"pipeline": {"published_uri": merged.metadata.get("uri", "")}},
         pipeline_run=pipeline_run,
         tracking_uri=tracking_uri,
-        # published by the merge step: the version points there (no second copy in MLflow)
-        source_uri=merged.metadata.get("uri") or None,
     )
+    version, run_id = rv.version, rv.run_id
     if alias and alias != registry.PILOT and passed:
         registry.set_alias(registered_model_name, alias, version, tracking_uri=tracking_uri)
     model_version.metadata.update(
@@ -69,6 +64,8 @@ def register_model(
             "alias": alias if passed else "",
             "run_id": run_id,
             "uri": f"models:/{registered_model_name}/{version}",
+            "model_id": rv.model_id,
+            "location": rv.location,
             "sha256": merged.metadata.get("sha256", ""),
         }
     )

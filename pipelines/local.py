@@ -295,7 +295,10 @@ def run_local(
             "mlflow_tracking_uri": svc["mlflow_uri"],
             "s3_endpoint": svc["s3_endpoint"],
         }
-        pipeline = build_merge_pipeline(ClusterOptions(retry_backoff="1s"))
+        # the gate reads the merged weights only when the policy has weight checks
+        pipeline = build_merge_pipeline(
+            ClusterOptions(retry_backoff="1s", gate_weight_check=_weight_checks(gate_policy))
+        )
         local.init(
             runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True
         )
@@ -326,6 +329,19 @@ def run_local(
         )
         summary["aliases"] = _aliases(svc["mlflow_uri"], registered_model_name)
     return summary
+
+
+def _weight_checks(policy_text: str) -> bool:
+    """Whether a gate policy (YAML text; empty: the default, which has none) asks for weight checks."""
+    import yaml
+
+    try:
+        weights = (yaml.safe_load(policy_text or "") or {}).get("weights") or {}
+    except (yaml.YAMLError, AttributeError):
+        return False  # the gate step reports a broken policy itself
+    if not isinstance(weights, dict):
+        return False
+    return bool(weights.get("finite")) or weights.get("max_abs") is not None
 
 
 def _yaml(cfg: dict[str, Any]) -> str:
@@ -424,9 +440,28 @@ def run_demo(workdir: str | os.PathLike | None = None) -> int:
     }
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="seme-demo-"))
     print(f"running the merge pipeline locally (KFP local runner) in {work} ...", file=sys.stderr)
-    summary = run_local(
-        cfg, workdir=work, suite=suite, expert_tasks=experts, registered_model_name="seme-demo",
-        **({"limit": limit} if limit else {}),
-    )
-    print_summary(summary)
-    return 0 if summary["status"] == "SUCCEEDED" else 1
+    with services(work) as svc:  # kept up after the run: the registered version is loaded back from it
+        summary = run_local(
+            cfg,
+            workdir=work,
+            suite=suite,
+            expert_tasks=experts,
+            registered_model_name="seme-demo",
+            s3_endpoint=svc["s3_endpoint"],
+            mlflow_uri=svc["mlflow_uri"],
+            **({"limit": limit} if limit else {}),
+        )
+        print_summary(summary)
+        if summary["status"] != "SUCCEEDED":
+            return 1
+        from seme.demo import load_back
+
+        reg = summary.get("registry") or {}
+        line = load_back(
+            "seme-demo",
+            svc["mlflow_uri"],
+            svc["s3_endpoint"],
+            None if reg.get("alias") else reg.get("version"),
+        )
+        print(f"loaded back with mlflow.transformers.load_model; it says: {line}")
+    return 0

@@ -1,8 +1,11 @@
-"""``promote_pipeline``: move ``pilot`` to ``production`` after the pilot period.
+"""``promote_pipeline``: move ``pilot`` to ``production`` once the pilot evidence suffices.
 
-One step with retries; the registry refuses a version that does not hold ``pilot`` (or, when named
-explicitly, has not passed its gate), and keeps the former production version as
-``previous-production``. Rollback stays a CLI action (``seme rollback NAME``).
+One step with retries, meant to run on a schedule: the promotion policy decides from the evidence
+``seme pilot record`` logged (duration, samples, "not significantly worse" per metric). Not enough
+evidence yet is a clean "not yet" (the step succeeds, nothing moves); a significantly worse pilot
+loses its alias and production stays. The registry still refuses a version whose gate did not pass,
+and keeps the former production version as ``previous-production``. Rollback stays a CLI action
+(``seme rollback NAME``).
 """
 
 from kfp import dsl
@@ -25,13 +28,15 @@ def build_promote_pipeline(opts: ClusterOptions | None = None):
         version: str = "",
         to_alias: str = "production",
         mlflow_tracking_uri: str = "",
+        promotion_policy: str = "",
     ):
-        """``version`` empty: the version that holds ``pilot``."""
+        """``version`` empty: the version that holds ``pilot``; ``promotion_policy``: YAML text (empty: default)."""
         task = promote_model(
             registered_model_name=registered_model_name,
             version=version,
             to_alias=to_alias,
             mlflow_tracking_uri=mlflow_tracking_uri,
+            promotion_policy=promotion_policy,
         ).set_display_name("promote")
         _retried(task, opts)
         _resources(task, "100m", "512Mi", "1", "1Gi")

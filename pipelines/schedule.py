@@ -5,6 +5,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+_DESCRIPTIONS = {
+    "merge": "seme merge pipeline: merge, evaluate, gate, register (pilot)",
+    "promote": "seme promote pipeline: pilot -> production once the pilot evidence suffices",
+}
+
 
 def check_cron(cron: str) -> str:
     """KFP's scheduler takes 6-field cron (``second minute hour day-of-month month day-of-week``)."""
@@ -31,10 +36,11 @@ def schedule(
     package: str | os.PathLike | None = None,
     max_concurrency: int = 1,
     existing_token: str | None = None,
+    pipeline: str = "merge",
 ) -> dict[str, Any]:
-    """Create a recurring run of the merge pipeline with ``params``; return the server's record of it.
+    """Create a recurring run of ``pipeline`` (merge | promote) with ``params``; return the server's record.
 
-    ``package``: a compiled IR YAML (default: compile the merge pipeline with default options now).
+    ``package``: a compiled IR YAML (default: compile the pipeline with default options now).
     ``no_catchup`` is set: a scheduler that was down runs the merge once, not once per missed slot.
     """
     import contextlib
@@ -51,7 +57,7 @@ def schedule(
         if package is None:
             from pipelines.compile import compile_pipeline
 
-            package = compile_pipeline("merge", Path(tmp) / "seme-merge.yaml")
+            package = compile_pipeline(pipeline, Path(tmp) / f"seme-{pipeline}.yaml")
         elif not Path(package).is_file():
             raise PipelineError(f"{package}: pipeline package not found (seme pipeline compile writes one)")
         try:
@@ -61,7 +67,7 @@ def schedule(
             job = client.create_recurring_run(
                 experiment_id=exp.experiment_id,
                 job_name=job_name,
-                description="seme merge pipeline: merge, evaluate, gate, register (pilot)",
+                description=_DESCRIPTIONS[pipeline],
                 cron_expression=cron,
                 max_concurrency=max_concurrency,
                 no_catchup=True,

@@ -36,6 +36,8 @@ COMMAND_MODULES = (
     "storage",
     "gate",
     "registry",
+    "registry_model",
+    "pilot",
     "pipeline",
 )
 

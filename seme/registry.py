@@ -418,6 +418,7 @@ def register_model(
     pipeline_run: str | None = None,
     tracking_uri: str | None = None,
     source_uri: str | None = None,
+    model_id: str | None = None,
 ) -> str:
     """Register the merged checkpoint as a new version of ``name``; set ``pilot`` if the gate passed.
 
@@ -425,7 +426,8 @@ def register_model(
     and the version's source points there; an ``s3://`` URI is used as the source as it is. With
     ``source_uri`` (where a local ``model_dir`` was already published), the manifest is read from
     ``model_dir`` and the version points at ``source_uri``: no second copy in MLflow's artifacts.
-    The model is never loaded. Returns the version number (a string, as MLflow reports it).
+    The model is never loaded. ``model_id``: the MLflow 3 LoggedModel a ``models:/<model_id>``
+    source names (see ``seme.registry_model``). Returns the version number (a string).
     """
     uri = resolve_tracking_uri(tracking_uri)
     c = client(uri)
@@ -472,7 +474,9 @@ def register_model(
         found = c.search_model_versions(f"name = '{name}' and tags.`{TAG_REG_ID}` = '{reg_id}'")
         if found:
             return str(found[0].version)
-        mv = c.create_model_version(name, source, run_id=run_id, tags=vtags, await_creation_for=60)
+        mv = c.create_model_version(
+            name, source, run_id=run_id, tags=vtags, await_creation_for=60, model_id=model_id
+        )
         return str(mv.version)
 
     version = _call(f"create a version of {name}", uri, create)

@@ -395,12 +395,15 @@ def fetch(
     workers: int = 8,
     retries: int = 5,
     backoff: float = 0.5,
+    also_fetch: frozenset[str] = frozenset(),
 ) -> Path:
     """Fetch the checkpoint prefix ``uri`` into a verified local directory and return its path.
 
     Without ``dest`` the directory lives in the cache (``cache_dir`` or ``$SEME_CACHE_DIR/s3``) and
     a second fetch of the same URI and manifest downloads nothing. With ``dest`` the verified
     directory is placed exactly there (an existing ``dest`` from the same fetch is reused).
+    ``also_fetch``: objects not in the reference list that the caller checks itself (e.g. a registered
+    version's MLflow files, against the registry): downloaded too, their sha256 computed and recorded.
     """
     bucket, prefix = parse_uri(uri)
     uri = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
@@ -451,7 +454,8 @@ def fetch(
             if stale != staging:
                 shutil.rmtree(stale, ignore_errors=True)
 
-        # Every object listed in the reference must exist, with the listed size; nothing else is fetched.
+        # Every object listed in the reference must exist, with the listed size; nothing else is fetched
+        # (but also_fetch, which the caller verifies).
         to_get: dict[str, str | None] = {}
         if expected is not None:
             for rel, (sha, size) in sorted(expected.items()):
@@ -466,6 +470,10 @@ def fetch(
                     )
                 to_get[rel] = sha
             unlisted = sorted(r for r in objs if r not in to_get and r not in (MANIFEST, SHA256SUMS, RECORD))
+            for r in unlisted:
+                if r in also_fetch:  # the caller checks these itself (e.g. against the registry)
+                    to_get[r] = None
+            unlisted = [r for r in unlisted if r not in also_fetch]
             if unlisted:
                 shown = ", ".join(unlisted[:5]) + (f" and {len(unlisted) - 5} more" if len(unlisted) > 5 else "")
                 log.warning(

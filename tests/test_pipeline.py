@@ -105,9 +105,12 @@ def test_compile_gpu_request_node_selector_and_toleration_on_align(merge_ir):
         return {e for e, cfg in k8s.items() if any(s["secretName"] == name for s in cfg.get("secretAsEnv", []))}
 
     s3_steps = [
-        c for c in spec.components if c.startswith(("comp-fetch-checkpoint", "comp-merge-checkpoints"))
+        c
+        for c in spec.components
+        if c.startswith(("comp-fetch-checkpoint", "comp-merge-checkpoints", "comp-register-model"))
     ]
-    assert len(s3_steps) == 3  # fetch (sources), fetch (base), merge (publishes)
+    # fetch (sources), fetch (base), merge (publishes), register pilot/failed (MLflow wrapper next to the weights)
+    assert len(s3_steps) == 5
     assert with_secret("seme-s3") == {executor_of(spec, c) for c in s3_steps}
     mlflow_steps = [c for c in spec.components if c.startswith(("comp-register-model", "comp-record-status"))]
     assert mlflow_steps and with_secret("seme-mlflow-auth") == {executor_of(spec, c) for c in mlflow_steps}

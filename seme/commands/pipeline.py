@@ -50,9 +50,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--token", help="bearer token for the KFP API (default: $KF_PIPELINES_TOKEN)")
     s.set_defaults(func=run_schedule)
 
+    sp = psub.add_parser(
+        "schedule-promote",
+        help="create a recurring run of the promote pipeline: pilot -> production once the evidence suffices",
+    )
+    sp.add_argument("name", help="registered model name")
+    sp.add_argument("--cron", required=True, help='6-field cron, seconds first: "0 0 * * * *" = hourly')
+    sp.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://ml-pipeline-ui.kubeflow:80")
+    sp.add_argument("--policy", help="promotion policy YAML (default: seme/policies/promotion.yaml)")
+    sp.add_argument(
+        "--mlflow-uri", default="", help="MLflow tracking URI (default: the seme-config ConfigMap)"
+    )
+    sp.add_argument("--job-name", help="recurring run name (default: seme-promote-NAME)")
+    sp.add_argument("--experiment", default="seme", help="KFP experiment (created if missing)")
+    sp.add_argument("--namespace", help="KFP namespace (multi-user installs)")
+    sp.add_argument("--service-account", default="seme-pipeline-runner", help="Kubernetes SA of the runs")
+    sp.add_argument("--package", help="compiled promote pipeline IR YAML (default: compile it now)")
+    sp.add_argument("--token", help="bearer token for the KFP API (default: $KF_PIPELINES_TOKEN)")
+    sp.set_defaults(func=run_schedule_promote)
+
 
 def _cluster_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--no-gpu", action="store_true", help="no GPU request on align (it then runs on CPU)")
+    p.add_argument("--no-gpu", action="store_true", help="no GPU request on any step (they then run on CPU)")
     p.add_argument("--gpu-node-selector", default="nvidia.com/gpu.present=true", help="KEY=VALUE for align")
     p.add_argument(
         "--gpu-toleration",
@@ -62,6 +81,37 @@ def _cluster_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config-map", default="seme-config", help="ConfigMap with endpoints (env of every step)")
     p.add_argument(
         "--s3-secret", default="seme-s3", help="Secret with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
+    )
+    p.add_argument(
+        "--image",
+        help="container image of every step, REPOSITORY[:TAG][@sha256:DIGEST] (default: the release image)",
+    )
+    p.add_argument(
+        "--gpu-steps",
+        help="comma-separated steps that get a GPU, from align,merge,evaluate (default: align, plus merge "
+        "when --method/--config is seme or an SVD-family method; evaluate uses a GPU when its pod has one)",
+    )
+    p.add_argument("--method", help="the merge method the pipeline will run (picks the default --gpu-steps)")
+    p.add_argument("--config", dest="method_config", help="merge config YAML to take --method from")
+    p.add_argument(
+        "--pvc",
+        metavar="SIZE",
+        help="e.g. 200Gi: one PersistentVolumeClaim per run holds every checkpoint; model-reading steps "
+        "mount it instead of copying models through the artifact store",
+    )
+    p.add_argument(
+        "--pvc-storage-class", default="", help="StorageClass of the --pvc volume (default: the cluster's)"
+    )
+    p.add_argument(
+        "--model-size",
+        default="tiny",
+        choices=("tiny", "1b", "7b", "70b"),
+        help="pod CPU/memory requests sized for this model (docs/runbook.md, Sizing; default tiny)",
+    )
+    p.add_argument(
+        "--gate-weight-check",
+        action="store_true",
+        help="the gate reads the merged weights (needed by a gate policy with weight checks); off: metrics only",
     )
 
 
@@ -175,15 +225,31 @@ def _config_dict(path: str) -> dict:
 def run_compile(args: argparse.Namespace) -> int:
     _k8s_name(args.config_map, "--config-map")
     _k8s_name(args.s3_secret, "--s3-secret")
+    from components.common import IMAGE
     from pipelines.compile import compile_pipeline
     from pipelines.merge import ClusterOptions
 
+    method = args.method
+    if args.method_config:
+        from seme.config import load_config
+
+        method = load_config(args.method_config).merge_method
+    steps = None
+    if args.gpu_steps is not None:
+        steps = frozenset(x.strip() for x in args.gpu_steps.split(",") if x.strip())
     opts = ClusterOptions(
         gpu=not args.no_gpu,
         gpu_node_selector=args.gpu_node_selector,
         gpu_toleration=args.gpu_toleration,
         config_map=args.config_map,
         s3_secret=args.s3_secret,
+        image=args.image or IMAGE,
+        gpu_steps=steps,
+        method=method,
+        pvc_size=args.pvc,
+        pvc_storage_class=args.pvc_storage_class,
+        model_size=args.model_size,
+        gate_weight_check=args.gate_weight_check,
     )
     out = compile_pipeline(args.pipeline, args.out or f"seme-{args.pipeline}.yaml", opts)
     print(out)
@@ -273,6 +339,40 @@ def run_schedule(args: argparse.Namespace) -> int:
         service_account=args.service_account,
         package=args.package,
         existing_token=args.token or os.environ.get("KF_PIPELINES_TOKEN"),
+    )
+    print(
+        f"recurring run {res['recurring_run_id']} ({res['name']}) created on {res['host']}: cron {res['cron']!r}"
+    )
+    return 0
+
+
+def run_schedule_promote(args: argparse.Namespace) -> int:
+    import os
+
+    from pipelines.schedule import check_cron, schedule
+    from seme.pilot import load_policy
+
+    check_cron(args.cron)
+    policy = _read(args.policy, "promotion policy")
+    if args.policy:
+        load_policy(args.policy)  # refuse a bad policy now, not at the first scheduled run
+    res = schedule(
+        args.host,
+        args.cron,
+        {
+            "registered_model_name": args.name,
+            "version": "",
+            "to_alias": "production",
+            "mlflow_tracking_uri": args.mlflow_uri,
+            "promotion_policy": policy,
+        },
+        job_name=args.job_name or f"seme-promote-{args.name}",
+        experiment=args.experiment,
+        namespace=args.namespace,
+        service_account=args.service_account,
+        package=args.package,
+        existing_token=args.token or os.environ.get("KF_PIPELINES_TOKEN"),
+        pipeline="promote",
     )
     print(
         f"recurring run {res['recurring_run_id']} ({res['name']}) created on {res['host']}: cron {res['cron']!r}"

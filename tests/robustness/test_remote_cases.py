@@ -700,7 +700,7 @@ def test_promote_with_mlflow_down_is_one_line_and_moves_nothing(world, case, pro
     proxy = CuttingProxy(world.mlflow)
     try:
         proxy.set_down()
-        r = run_seme(["promote", name, "--tracking-uri", proxy.url], env=world.env())
+        r = run_seme(["promote", name, "--tracking-uri", proxy.url, "--skip-evidence"], env=world.env())
         assert_clean_failure(r, names=[proxy.url, "unreachable"])
         assert len(r.stderr.strip().splitlines()) == 1, r
     finally:
@@ -714,7 +714,7 @@ def test_promote_failing_in_the_middle_is_undone(world, case, promoted):
     proxy = CuttingProxy(world.mlflow)
     try:
         proxy.fail_requests("registered-models/alias", skip=1, count=2)  # both tries of step 2
-        r = run_seme(["promote", name, "--tracking-uri", proxy.url], env=world.env())
+        r = run_seme(["promote", name, "--tracking-uri", proxy.url, "--skip-evidence"], env=world.env())
         line = assert_clean_failure(r, names=["set alias production", "undid previous-production"])
         assert proxy.dropped == 2 and "could not undo" not in line
     finally:
@@ -730,7 +730,7 @@ def test_promote_server_down_for_a_while_mid_way_is_undone_when_it_returns(world
     proxy = CuttingProxy(world.mlflow)
     try:
         proxy.fail_requests("registered-models/alias", skip=1, count=5)
-        r = run_seme(["promote", name, "--tracking-uri", proxy.url], env=world.env())
+        r = run_seme(["promote", name, "--tracking-uri", proxy.url, "--skip-evidence"], env=world.env())
         assert_clean_failure(r, names=["set alias production", "undid previous-production"])
         assert proxy.dropped == 5
     finally:
@@ -762,7 +762,7 @@ def test_promote_to_previous_production_refused(world, case, promoted):
 
 def test_promote_current_production_again_refused(world, case, promoted):
     name, before = promoted
-    fail(world, ["promote", name, "--version", before["production"]], "already holds 'production'")
+    fail(world, ["promote", name, "--version", before["production"], "--skip-evidence"], "already holds 'production'")
     assert _registry_state(world, name)[0] == before
 
 
