@@ -6,14 +6,16 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 TORCH_PIN := torch==2.13.0
+# The CPU build of torch lies in /opt/wheels on this project's machines; without it pip takes a CUDA build.
+FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
 
 .PHONY: install test demo lint bench-speed bench-quality clean tools
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q $(TORCH_PIN)
-	$(PIP) install -q -e '.[pipeline,zoo,test]' $(TORCH_PIN)
+	$(PIP) install -q $(FIND_LINKS) $(TORCH_PIN)
+	$(PIP) install -q $(FIND_LINKS) -e '.[pipeline,zoo,test]' $(TORCH_PIN)
 	touch $(STAMP)
 
 install: $(STAMP)

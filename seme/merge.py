@@ -630,6 +630,20 @@ def _torch_version() -> str | None:
     """torch's version, without importing it when this process has not."""
     if "torch" in sys.modules:
         return str(torch.__version__)
+    # torch/version.py holds the full version with its local tag (2.13.0+cpu, 2.13.0+cu130); the
+    # distribution metadata may drop the tag (CUDA wheels do), and the manifest must say the same
+    # thing on both paths.
+    import importlib.util
+    import re
+
+    spec = importlib.util.find_spec("torch")
+    for loc in (spec.submodule_search_locations or []) if spec else []:
+        try:
+            text = (Path(loc) / "version.py").read_text()
+        except OSError:
+            continue
+        if m := re.search(r"""^__version__\s*=\s*['"]([^'"]+)['"]""", text, re.M):
+            return m.group(1)
     from importlib.metadata import PackageNotFoundError, version
 
     try:
