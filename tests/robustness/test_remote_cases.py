@@ -490,7 +490,7 @@ POLICIES = {  # id -> (policy text, what the error line names)
     "policy-a-list": ("- 1\n- 2\n", "expected a mapping"),
     "policy-unknown-key": ("thresholds: 1\n", "unknown key(s) thresholds"),
     "policy-min-ratio-2": ("expert_retention: {min_ratio: 2}\n", "min_ratio = 2 is outside"),
-    "policy-min-ratio-zero": ("expert_retention: {min_ratio: 0}\n", "min_ratio = 0 is outside"),
+    "policy-min-ratio-negative": ("expert_retention: {min_ratio: -0.5}\n", "min_ratio = -0.5 is outside"),
     "policy-min-ratio-string": ("expert_retention: {min_ratio: high}\n", "must be a number"),
     "policy-min-ratio-nan": ("expert_retention: {min_ratio: .nan}\n", "must be a number"),
     "policy-retention-scalar": ("expert_retention: 0.9\n", "expert_retention must be a mapping"),
