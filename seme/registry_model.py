@@ -350,7 +350,9 @@ def register_version(
         tmp = Path(td)
         if run_id is None:
             run_id = registry.log_merge_run(
-                model_dir, metrics=metrics_doc, gate=gate, alignment_dir=alignment_dir, params=params,
+                # a metrics *path* lets the run also log the report's task file and comparison beside it
+                model_dir, metrics=metrics if isinstance(metrics, str | os.PathLike) else metrics_doc,
+                gate=gate, alignment_dir=alignment_dir, params=params,
                 run_name=run_name(str(manifest.get("method", "")), name, str(manifest.get("config_sha256", ""))),
                 pipeline_run=pipeline_run, tracking_uri=uri,
             )  # fmt: skip
