@@ -13,7 +13,6 @@ and mergekit and seme agree on these statistics.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +20,11 @@ import pytest
 import torch
 import yaml
 from conftest import make_tiny_model, perturb_model
-from safetensors.torch import load_file
+
+# the cross-check machinery shared with the first seven methods' cross-checks
+from test_mergekit_crosscheck import FAMILIES, load_dir, mismatches, run_both, run_seme, step
 
 from seme.errors import ConfigError
-
-FAMILIES = ["llama", "qwen2", "gemma2"]
 
 
 @pytest.fixture(scope="module")
@@ -39,62 +38,6 @@ def zoo(tmp_path_factory) -> dict[str, dict[str, str]]:
               for i in range(3)}
         out[fam] = {"base": str(base), **ms}
     return out
-
-
-def load_dir(d: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(Path(d).glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
-
-
-def run_mergekit(cfg: dict, out: Path, seed: int = 0) -> dict[str, torch.Tensor]:
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import run_merge as mergekit_merge
-    from mergekit.options import MergeOptions
-
-    logging.getLogger("mergekit").setLevel(logging.ERROR)
-    mergekit_merge(
-        MergeConfiguration.model_validate(cfg),
-        str(out),
-        MergeOptions(quiet=True, copy_tokenizer=False, write_model_card=False, random_seed=seed),
-    )
-    return load_dir(out)
-
-
-def run_seme(cfg: dict, out: Path, seed: int = 0) -> dict[str, torch.Tensor]:
-    from seme.config import load_config
-    from seme.merge import run_merge
-
-    path = out.with_suffix(".yaml")
-    path.write_text(yaml.safe_dump({**cfg, "seed": seed}))
-    run_merge(load_config(path), out, progress=False)
-    return load_dir(out)
-
-
-def run_both(cfg: dict, tmp: Path, seed: int = 0) -> tuple[dict, dict]:
-    mk, ours = run_mergekit(cfg, tmp / "mergekit_out", seed), run_seme(cfg, tmp / "seme_out", seed)
-    assert sorted(mk) == sorted(ours), "seme and mergekit wrote different tensor names"
-    return mk, ours
-
-
-def step(x: np.ndarray, dtype: torch.dtype) -> np.ndarray:
-    """One rounding step of ``dtype`` at the magnitude of ``x``."""
-    fi = torch.finfo(dtype)
-    return fi.eps * 2.0 ** np.floor(np.log2(np.maximum(np.abs(x), fi.tiny)))
-
-
-def mismatches(mk: dict, ours: dict, ref: dict, dtype: torch.dtype) -> dict[str, int]:
-    """Entries per tensor differing by more than one rounding step of ``dtype`` at the scale of the
-    larger of the result and the reference input there."""
-    bad = {}
-    for name, a in mk.items():
-        x, y = a.double().numpy(), ours[name].double().numpy()
-        scale = np.maximum(np.abs(x), np.abs(ref[name].double().numpy()))
-        n = int((np.abs(x - y) > step(scale, dtype)).sum())
-        if n:
-            bad[name] = n
-    return bad
 
 
 def models(z: dict, params: list[dict]) -> list[dict]:
